@@ -1,0 +1,54 @@
+# Terrace: two commands do all set-up.
+#   make demo   the main job: a real cluster, Terrace installed, requests routed
+#   make test   the whole test suite (unit, integration on a real cluster, e2e)
+SHELL := /bin/bash
+PYTHON ?= python3
+CLUSTER_DIR ?= $(CURDIR)/.cache/cluster
+STAMPS := .cache/stamps
+PYTEST_ARGS ?=
+
+.PHONY: help deps python tools system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean
+
+help:
+	@echo "make demo          bring up a real cluster, install Terrace, route and scale (all set-up included)"
+	@echo "make test          run every test (all set-up included)"
+	@echo "make cluster-up    start the dev cluster (etcd, apiserver, controllers, kwok, Prometheus)"
+	@echo "make cluster-down  stop it"
+	@echo "make tools         build the pinned Kubernetes binaries into ~/.cache/terrace/bin"
+
+deps: python tools system-deps
+
+python: $(STAMPS)/python
+$(STAMPS)/python: pyproject.toml
+	$(PYTHON) -m pip install -q -e ".[torch,gpu,dev]"
+	@mkdir -p $(STAMPS) && touch $@
+
+tools:
+	@bash hack/build-tools.sh >/dev/null
+
+system-deps:
+	@bash hack/install-system-deps.sh
+
+cluster-up: deps
+	@$(PYTHON) hack/devcluster.py up --dir $(CLUSTER_DIR)
+
+cluster-down:
+	@$(PYTHON) hack/devcluster.py down --dir $(CLUSTER_DIR)
+
+cluster-status:
+	@$(PYTHON) hack/devcluster.py status --dir $(CLUSTER_DIR)
+
+test: deps
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-unit: python
+	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: deps
+	@$(PYTHON) hack/demo.py
+
+lint: python
+	$(PYTHON) -m ruff check .
+
+clean: cluster-down
+	rm -rf .cache
