@@ -285,10 +285,17 @@ class Cluster:
                 return
             dead = [n for n in COMPONENTS if self._pidfile(n).exists() and self._pid(n) is None]
             if dead:
-                raise ClusterError(f"{', '.join(dead)} exited while waiting for {what}; "
-                                   f"see {self.dir / 'logs'}")
+                raise ClusterError(f"{', '.join(dead)} exited while waiting for {what}:\n"
+                                   f"{self._log_tail(dead[0])}\n(logs in {self.dir / 'logs'})")
             time.sleep(0.2)
         raise ClusterError(f"timed out waiting for {what}: {last}; logs in {self.dir / 'logs'}")
+
+    def _log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join(
+                (self.dir / "logs" / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 kubeconfig: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -319,7 +326,7 @@ class Cluster:
         try:
             self._start_all(prometheus)
         except BaseException:
-            self.down()
+            self.stop_processes()  # keep the logs for the post-mortem; the next `up` clears them
             raise
         self._state().write_text(json.dumps({"bin_dir": str(self.bin_dir), "ports": self.ports}))
         print(f"cluster up in {time.monotonic() - started:.1f}s", file=sys.stderr)
@@ -369,8 +376,9 @@ class Cluster:
             str(b / "kwok"), f"--kubeconfig={self.kubeconfig}",
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            f"--server-address=127.0.0.1:{p['kwok']}", "--node-ip=127.0.0.1",
-            "--cidr=10.244.0.0/16",
+            f"--server-address=127.0.0.1:{p['kwok']}", "--node-ip=10.240.0.1",
+            "--cidr=10.244.0.0/16", "--node-lease-duration-seconds=40",
+            f"--config={ROOT / 'hack' / 'kwok-stages.yaml'}",
         ])
         self._write_prometheus_config()
         self._spawn("prometheus", [
@@ -414,9 +422,12 @@ class Cluster:
         }
         (prom / "prometheus.yml").write_text(json.dumps(config, indent=2))
 
-    def down(self) -> None:
+    def stop_processes(self) -> None:
         for name in reversed(COMPONENTS):
             self._stop(name)
+
+    def down(self) -> None:
+        self.stop_processes()
         if self.dir.exists():
             subprocess.run(["rm", "-rf", str(self.dir)], check=False)
 
