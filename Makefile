@@ -7,7 +7,7 @@ CLUSTER_DIR ?= $(CURDIR)/.cache/cluster
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: help deps python tools system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean
+.PHONY: chart-sync help deps python tools system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean
 
 help:
 	@echo "make demo          bring up a real cluster, install Terrace, route and scale (all set-up included)"
@@ -52,3 +52,10 @@ lint: python
 
 clean: cluster-down
 	rm -rf .cache
+
+# The chart carries copies of the CRDs and RBAC rules (Helm cannot read
+# outside the chart); tests/unit/test_chart.py fails when they differ.
+chart-sync:
+	cp crds/terrace.dev_*.yaml charts/terrace/crds/
+	cp operator/terrace_operator/rbac/clusterrole.yaml charts/terrace/files/operator-clusterrole.yaml
+	cp operator/terrace_operator/agent/rbac.yaml charts/terrace/files/agent-rbac.yaml

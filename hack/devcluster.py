@@ -208,6 +208,14 @@ class Cluster:
         # Every command we start names a file in our state dir.
         return pid if str(self.dir) in cmdline else None
 
+    def _exited(self, name: str) -> bool:
+        """True when `name` was started and its process is gone."""
+        try:
+            pid = int(self._pidfile(name).read_text())
+        except (OSError, ValueError):
+            return False
+        return not self._alive(pid)
+
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
@@ -283,7 +291,7 @@ class Cluster:
             ok, last = check()
             if ok:
                 return
-            dead = [n for n in COMPONENTS if self._pidfile(n).exists() and self._pid(n) is None]
+            dead = [n for n in COMPONENTS if self._exited(n)]
             if dead:
                 raise ClusterError(f"{', '.join(dead)} exited while waiting for {what}:\n"
                                    f"{self._log_tail(dead[0])}\n(logs in {self.dir / 'logs'})")

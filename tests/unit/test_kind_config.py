@@ -56,7 +56,8 @@ def test_kind_accepts_our_config(tmp_path: Path) -> None:
     ("mutation", "complaint"),
     [
         (lambda s: s.replace("role: worker", "rol: worker", 1), "rol"),
-        (lambda s: s.replace("hostPort: 8080", "hostPort: eighty"), "hostPort"),
+        (lambda s: s.replace("hostPort: 8080", "hostPort: eighty"), "eighty"),
+        (lambda s: s.replace("role: worker", "role: foreman", 1), "foreman"),
         (lambda s: s.replace("apiVersion: kind.x-k8s.io/v1alpha4", "apiVersion: kind.x-k8s.io/v9"), "v9"),
     ],
 )
