@@ -328,14 +328,24 @@ class Cluster:
         started = time.monotonic()
         self.bin_dir = self.bin_dir or tools_dir()
         prometheus = prometheus_binary()
-        for sub in ("pki", "logs", "pids", "etcd", "prometheus/data", "prometheus/targets"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.ports = {k: free_port() for k in ("etcd", "etcd_peer", "apiserver", "kwok", "prometheus")}
-        try:
-            self._start_all(prometheus)
-        except BaseException:
-            self.stop_processes()  # keep the logs for the post-mortem; the next `up` clears them
-            raise
+        for attempt in (1, 2):
+            for sub in ("pki", "logs", "pids", "etcd", "prometheus/data", "prometheus/targets"):
+                (self.dir / sub).mkdir(parents=True, exist_ok=True)
+            self.ports = {k: free_port() for k in ("etcd", "etcd_peer", "apiserver", "kwok", "prometheus")}
+            try:
+                self._start_all(prometheus)
+                break
+            except ClusterError as e:
+                # A port taken between choosing and binding it is the usual cause on
+                # a busy machine: one more try from scratch, with new ports.
+                self.stop_processes()
+                if attempt == 2:
+                    raise
+                print(f"devcluster: start failed ({str(e).splitlines()[0]}); retrying", file=sys.stderr)
+                self.down()
+            except BaseException:
+                self.stop_processes()  # keep the logs for the post-mortem; the next `up` clears them
+                raise
         self._state().write_text(json.dumps({"bin_dir": str(self.bin_dir), "ports": self.ports}))
         print(f"cluster up in {time.monotonic() - started:.1f}s", file=sys.stderr)
         return True

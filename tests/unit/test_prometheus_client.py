@@ -1,0 +1,222 @@
+"""The Prometheus client against a real Prometheus and a real HTTP server.
+
+A real Prometheus (Debian's binary, on 127.0.0.1) answers the cases PromQL can
+produce: empty vectors, NaN, several series, a bad query. A tiny real HTTP
+server on 127.0.0.1 serves what a healthy Prometheus will not: HTTP 500, a
+non-JSON body, a hang past the timeout, a dead port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from terrace_operator.prometheus import (
+    AmbiguousResult,
+    BadValue,
+    NoData,
+    PrometheusClient,
+    PrometheusUnavailable,
+    QueryError,
+    TierQueries,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def real_prometheus(tmp_path_factory):
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+    d = tmp_path_factory.mktemp("prom")
+    port = _free_port()
+    (d / "prometheus.yml").write_text(json.dumps({"global": {"scrape_interval": "1s"}}))
+    proc = subprocess.Popen(
+        [binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("Prometheus did not become ready")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _value(url, q, timeout=5.0):
+    async with PrometheusClient(url, timeout_seconds=timeout) as c:
+        return await c.value(q)
+
+
+def test_real_prometheus_single_value(real_prometheus):
+    assert run(_value(real_prometheus, "vector(3.5)")) == 3.5
+    assert run(_value(real_prometheus, "scalar(vector(2))")) == 2.0
+
+
+def test_real_prometheus_empty_result(real_prometheus):
+    with pytest.raises(NoData):
+        run(_value(real_prometheus, "vector(1) > 2"))
+    with pytest.raises(NoData):
+        run(_value(real_prometheus, 'sum(terrace_router_inflight{tier="nope"})'))
+
+
+def test_real_prometheus_nan_and_inf(real_prometheus):
+    with pytest.raises(BadValue, match="nan"):
+        run(_value(real_prometheus, "vector(0/0)"))
+    with pytest.raises(BadValue, match="inf"):
+        run(_value(real_prometheus, "vector(1/0)"))
+    # the built-in p95 over a histogram with no requests: empty, never 0
+    q = TierQueries("demo", "gpu").latency_p95_ms()
+    with pytest.raises(NoData):
+        run(_value(real_prometheus, q))
+
+
+def test_real_prometheus_several_series(real_prometheus):
+    q = 'vector(1) or label_replace(vector(2), "x", "y", "", "")'
+    with pytest.raises(AmbiguousResult, match="2 series"):
+        run(_value(real_prometheus, q))
+
+
+def test_real_prometheus_bad_query(real_prometheus):
+    with pytest.raises(QueryError, match="bad_data"):
+        run(_value(real_prometheus, "sum("))
+
+
+class _Canned(BaseHTTPRequestHandler):
+    status = 200
+    body: bytes = b""
+    delay = 0.0
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        time.sleep(self.delay)
+        self.send_response(self.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(self.body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def canned():
+    handler = type("H", (_Canned,), {})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+
+    def set_(status=200, body=None, raw=None, delay=0.0):
+        handler.status = status
+        handler.body = raw if raw is not None else json.dumps(body).encode()
+        handler.delay = delay
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    try:
+        yield set_
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def vec(*values, labels=None):
+    return {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": labels or {"i": str(i)}, "value": [1700000000.0, v]}
+        for i, v in enumerate(values)]}}
+
+
+def test_http_500_is_unavailable(canned):
+    url = canned(500, raw=b"internal server error")
+    with pytest.raises(PrometheusUnavailable, match="500"):
+        run(_value(url, "up"))
+    url = canned(503, {"status": "error", "errorType": "unavailable", "error": "starting"})
+    with pytest.raises(PrometheusUnavailable, match="unavailable"):
+        run(_value(url, "up"))
+
+
+def test_query_error_422(canned):
+    url = canned(422, {"status": "error", "errorType": "execution", "error": "many-to-many"})
+    with pytest.raises(QueryError, match="many-to-many"):
+        run(_value(url, "a / b"))
+
+
+def test_edge_bodies(canned):
+    with pytest.raises(NoData):
+        run(_value(canned(200, vec()), "x"))
+    with pytest.raises(BadValue):
+        run(_value(canned(200, vec("NaN")), "x"))
+    with pytest.raises(BadValue):
+        run(_value(canned(200, vec("-Inf")), "x"))
+    with pytest.raises(AmbiguousResult):
+        run(_value(canned(200, vec("1", "2")), "x"))
+    with pytest.raises(PrometheusUnavailable):
+        run(_value(canned(200, raw=b"<html>proxy</html>"), "x"))
+    with pytest.raises(PrometheusUnavailable):
+        run(_value(canned(200, vec("not-a-number")), "x"))
+    with pytest.raises(QueryError, match="range vector"):
+        run(_value(canned(200, {"status": "success", "data": {"resultType": "matrix",
+                                                              "result": []}}), "x[1m]"))
+    assert run(_value(canned(200, vec("42")), "x")) == 42.0
+
+
+def test_timeout_is_unavailable(canned):
+    url = canned(200, vec("1"), delay=2.0)
+    with pytest.raises(PrometheusUnavailable, match="timed out"):
+        run(_value(url, "x", timeout=0.3))
+
+
+def test_connection_refused_is_unavailable():
+    with pytest.raises(PrometheusUnavailable, match="cannot reach"):
+        run(_value(f"http://127.0.0.1:{_free_port()}", "x"))
+
+
+def test_builtin_queries_per_metric():
+    q = TierQueries("demo", 'we"ird', window="30s", nodes=("gpu-node",))
+    assert q.for_metric("inflight") == 'sum(terrace_router_inflight{tier="we\\"ird"})'
+    assert "rate(terrace_router_requests_total" in q.for_metric("rps")
+    assert "[30s]" in q.for_metric("rps")
+    assert q.for_metric("latencyP95").startswith("histogram_quantile(0.95")
+    assert 'node=~"gpu-node"' in q.for_metric("gpuUtilization")
+    dcgm = TierQueries("demo", "big", gpu_source="dcgm")
+    want = 'avg(DCGM_FI_DEV_GPU_UTIL{namespace="demo",pod=~"big-.*"})'
+    assert dcgm.for_metric("gpuUtilization") == want
+    assert q.for_metric("custom", "sum(foo)") == "sum(foo)"
+    with pytest.raises(QueryError):
+        q.for_metric("custom", "")
+    with pytest.raises(QueryError):
+        q.for_metric("nonsense")
