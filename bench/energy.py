@@ -46,8 +46,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "routing" / "mmlu_routing.jsonl"
-if not DATA.exists():
-    DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing" / "mmlu_routing.jsonl"
 
 from terrace_operator.agent.fake import MODELS, operating_point  # noqa: E402
 from terrace_operator.energy import CpuPowerModel  # noqa: E402

@@ -1,60 +1,299 @@
 #!/usr/bin/env python3
-"""`make demo`: bring up the real dev cluster and put Terrace's API on it.
+"""`make demo`: Terrace end to end on a real (local) Kubernetes control plane.
 
-Steps are printed as they happen. KEEP=1 leaves the cluster running with
-instructions; otherwise it is torn down at the end.
+1. the dev cluster: etcd, kube-apiserver, controllers, scheduler, kwok, Prometheus;
+2. `helm install` of charts/terrace (operator + fake-GPU power agent);
+3. the demo models, built by Terrace's own code (no downloads);
+4. `kubectl apply` of crds/samples/ (a CPU tier, a GPU tier, a router);
+5. the pods kwok fakes run as local processes (hack/podrunner.py): the
+   operator, the agent, the runtimes and the router, the same entry points
+   the images run;
+6. easy and hard prompts through the `openai` client; a burst of load; the
+   scaling and power decisions as they happen; joules per request per tier.
+
+KEEP=1 leaves everything running and prints how to use it.
+tests/e2e/test_demo.py runs the same flow with assertions.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "hack"))
 
 from devcluster import DEFAULT_DIR, Cluster, ClusterError  # noqa: E402
+from podrunner import PodRunner  # noqa: E402
+
+NS = "demo"
+SYSTEM_NS = "terrace-system"
+API_KEY = "sk-terrace-demo-1"  # from crds/samples/tierrouter.yaml's Secret
+EASY = ["Hi there!", "What is 2 + 2?", "Say hello in French.", "What colour is the sky?"]
+HARD = [
+    "Prove that there are infinitely many prime numbers, then generalise the argument to primes of the form 4k+3.",
+    "Write a Python function that parses a context-free grammar in Backus-Naur form and returns a CYK parser "
+    "for it; explain its time complexity and give a test.",
+    "A 2.0 kg block slides down a 30 degree incline with kinetic friction coefficient 0.25, then hits a spring "
+    "of constant 800 N/m. Derive the maximum compression step by step.",
+    "Let G be a finite group of order 2p for an odd prime p. Show that G is cyclic or dihedral, with a full proof.",
+]
+# Demo-speed control loop: the samples' production windows (minutes) shortened
+# so a burst and its aftermath fit in a few minutes. Printed when applied.
+DEMO_PATCHES = {
+    "small-cpu": {"spec": {"replicas": {"max": 3}, "scaling": {"scaleDownStabilizationSeconds": 15}}},
+    "large-gpu": {"spec": {"replicas": {"max": 2}, "scaling": {"metric": "inflight", "target": 2,
+                                                              "scaleDownStabilizationSeconds": 15}}},
+}
 
 
 def step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [headers, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
+
+
+@dataclass
+class Demo:
+    cluster: Cluster
+    models_dir: Path = ROOT / ".cache" / "models"
+    tick_seconds: int = 3
+    runner: PodRunner | None = None
+    router_url: str = ""
+    events_seen: set[str] = field(default_factory=set)
+    decisions: list[dict] = field(default_factory=list)
+
+    # -- set-up ----------------------------------------------------------
+    def helm(self, *args: str) -> str:
+        out = subprocess.run([str(self.cluster.bin_dir / "helm"), f"--kubeconfig={self.cluster.kubeconfig}", *args],
+                             capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise ClusterError(f"helm {' '.join(args)}: {out.stderr.strip()}")
+        return out.stdout
+
+    def build_models(self) -> None:
+        manifest = self.models_dir / "manifest.json"
+        if manifest.exists():
+            print(f"    demo models already built in {self.models_dir}")
+            return
+        subprocess.run(["terrace-runtime", "build-demo-models", "--out", str(self.models_dir)], check=True)
+
+    def install(self) -> None:
+        self.helm("upgrade", "--install", "terrace", str(ROOT / "charts" / "terrace"), "-n", SYSTEM_NS,
+                  "--create-namespace", "--wait", "--timeout", "120s",
+                  "--set", f"operator.prometheusUrl={self.cluster.prometheus_url}",
+                  "--set", f"operator.tickSeconds={self.tick_seconds}",
+                  "--set", "agent.enabled=true", "--set", "agent.fakeGpus=1", "--set", "agent.fakeModel=h100")
+        print(self.cluster.kubectl("get", "pods", "-n", SYSTEM_NS, "-o", "wide").stdout, end="")
+
+    def apply_samples(self) -> None:
+        self.cluster.kubectl("create", "namespace", NS, check=False)
+        print(self.cluster.kubectl("apply", "-n", NS, "-f", str(ROOT / "crds" / "samples")).stdout, end="")
+        for tier, patch in DEMO_PATCHES.items():
+            self.cluster.kubectl("patch", "mtier", tier, "-n", NS, "--type=merge", "-p", json.dumps(patch))
+            print(f"    kubectl patch mtier {tier} --type=merge -p '{json.dumps(patch)}'")
+
+    def run_pods(self) -> None:
+        self.runner = PodRunner(self.cluster, [SYSTEM_NS, NS], self.models_dir,
+                                self.cluster.dir / "pods")
+        self.runner.start()
+
+        def up(pods: list) -> bool:
+            ready = {(p.program, p.labels.get("terrace.dev/modeltier", "")) for p in pods if p.ready}
+            return {("terrace-operator", ""), ("terrace-agent", ""), ("terrace-router", ""),
+                    ("terrace-runtime", "small-cpu"), ("terrace-runtime", "large-gpu")} <= ready
+        self.runner.wait_ready(up, timeout=240)
+        router = next(p for p in self.runner.pods.values() if p.program == "terrace-router")
+        self.router_url = router.url
+        print(table(["pod", "program", "local address"],
+                    [[f"{p.namespace}/{p.name}", p.program, p.url] for p in self.runner.pods.values()]))
+
+    def wait_tiers_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.cluster.kubectl("get", "mtier,trouter", "-n", NS, "-o", "json").stdout
+            items = json.loads(out)["items"]
+            ready = [any(c["type"] == "Ready" and c["status"] == "True"
+                         for c in (i.get("status") or {}).get("conditions", [])) for i in items]
+            if items and all(ready):
+                print(self.cluster.kubectl("get", "terrace", "-n", NS).stdout, end="")
+                return
+            time.sleep(1)
+        raise ClusterError("tiers did not become Ready:\n" + self.cluster.kubectl("get", "terrace", "-n", NS).stdout)
+
+    # -- traffic -----------------------------------------------------------
+    def client(self):
+        import openai
+        return openai.OpenAI(base_url=self.router_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+    def ask(self, prompts: list[str]) -> list[dict]:
+        results = []
+        with self.client() as c:
+            for prompt in prompts:
+                started = time.perf_counter()
+                raw = c.chat.completions.with_raw_response.create(
+                    model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0)
+                completion = raw.parse()
+                results.append({
+                    "prompt": prompt, "tier": raw.headers.get("x-terrace-tier"),
+                    "complexity": float(raw.headers.get("x-terrace-complexity", "nan")),
+                    "escalated": raw.headers.get("x-terrace-escalated", "") or "-",
+                    "latency_ms": (time.perf_counter() - started) * 1000,
+                    "answer": (completion.choices[0].message.content or "").replace("\n", " "),
+                })
+        return results
+
+    async def _burst(self, seconds: float, concurrency: int, counts: dict[str, int]) -> None:
+        import openai
+        deadline = time.monotonic() + seconds
+        prompts = EASY + HARD
+
+        async def worker(i: int) -> None:
+            async with openai.AsyncOpenAI(base_url=self.router_url + "/v1", api_key=API_KEY, max_retries=2,
+                                          timeout=120) as c:
+                n = i
+                while time.monotonic() < deadline:
+                    n += 1
+                    try:
+                        raw = await c.chat.completions.with_raw_response.create(
+                            model="auto", messages=[{"role": "user", "content": prompts[n % len(prompts)]}],
+                            max_tokens=24, temperature=0.7)
+                        tier = raw.headers.get("x-terrace-tier", "?")
+                        counts[tier] = counts.get(tier, 0) + 1
+                    except openai.APIStatusError as e:
+                        counts[f"HTTP {e.status_code}"] = counts.get(f"HTTP {e.status_code}", 0) + 1
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+
+    def burst(self, seconds: float = 45, concurrency: int = 24) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        asyncio.run(self._burst(seconds, concurrency, counts))
+        return counts
+
+    # -- what the operator did -------------------------------------------------
+    def new_decisions(self) -> list[dict]:
+        out = self.cluster.kubectl("get", "events", "-n", NS, "-o", "json").stdout
+        fresh = []
+        for e in sorted(json.loads(out)["items"], key=lambda e: e.get("lastTimestamp") or e["metadata"]["creationTimestamp"]):
+            key = e["metadata"]["uid"] + str(e.get("count", 1))
+            if key in self.events_seen:
+                continue
+            self.events_seen.add(key)
+            reason = e.get("reason", "")
+            if any(w in reason.lower() for w in ("scal", "power")):
+                d = {"object": e["involvedObject"]["name"], "reason": reason, "message": e.get("message", "")}
+                fresh.append(d)
+                self.decisions.append(d)
+        return fresh
+
+    def tiers(self) -> dict[str, dict]:
+        items = json.loads(self.cluster.kubectl("get", "mtier", "-n", NS, "-o", "json").stdout)["items"]
+        return {i["metadata"]["name"]: i for i in items}
+
+    def watch(self, seconds: float, until: Callable[[], bool] | None = None, every: float = 3.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for d in self.new_decisions():
+                print(f"    [{time.strftime('%H:%M:%S')}] {d['object']}: {d['reason']}: {d['message']}", flush=True)
+            if until is not None and until():
+                return
+            time.sleep(every)
+
+    def snapshot(self) -> str:
+        rows = []
+        for name, t in self.tiers().items():
+            st = t.get("status") or {}
+            rows.append([name, t["spec"]["device"], f"{st.get('readyReplicas', 0)}/{st.get('replicas', 0)}",
+                         st.get("powerLimitWatts", "-"), st.get("energyPerRequestJoules", "-")])
+        return table(["tier", "device", "ready/replicas", "power limit (W, enforced)", "J/request"], rows)
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None
+
+
 def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="    %(name)s: %(message)s")
     keep = os.environ.get("KEEP", "") not in ("", "0")
     started = time.monotonic()
     cluster = Cluster(dir=Path(os.environ.get("TERRACE_CLUSTER_DIR", DEFAULT_DIR)).resolve())
+    demo = Demo(cluster)
     try:
-        step("Starting the dev cluster: etcd, kube-apiserver, controller-manager, scheduler, kwok, Prometheus")
-        print("    (kwok fakes the nodes `cpu-node` and `gpu-node`: pods there run no containers)")
+        step("1/7 Dev cluster: etcd, kube-apiserver, controller-manager, scheduler, kwok, Prometheus (127.0.0.1)")
+        print("    kwok fakes the nodes cpu-node and gpu-node; pods scheduled there run NO containers.")
+        print("    Terrace's pods run as local processes instead (step 5): the same programs the images run.")
         if not cluster.up():
             print("    already running; reusing it")
         print(cluster.kubectl("get", "nodes", "-L", "terrace.dev/accelerator").stdout, end="")
 
-        crds = sorted((ROOT / "crds").glob("*.yaml"))
-        if crds:
-            step("Applying Terrace's CustomResourceDefinitions from crds/")
-            for crd in crds:
-                print("    " + cluster.kubectl("apply", "-f", str(crd)).stdout.strip())
-            cluster.kubectl("wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=terrace",
-                            "--timeout=30s", check=False)
-            samples = ROOT / "crds" / "samples"
-            if samples.is_dir():
-                step("Applying the samples from crds/samples/")
-                print(cluster.kubectl("apply", "-f", str(samples)).stdout, end="")
-                print(cluster.kubectl("get", "terrace", "-A").stdout, end="")
-        step(f"Done in {time.monotonic() - started:.0f}s")
-        print(cluster.describe())
-    except ClusterError as e:
+        step("2/7 Demo models, built by Terrace's own code from Python's standard library text (no downloads)")
+        demo.build_models()
+
+        step("3/7 helm install terrace (operator + power agent on fake GPUs), Prometheus as its metrics source")
+        demo.install()
+
+        step("4/7 kubectl apply -f crds/samples/  (a CPU tier, a GPU tier, a router over both)")
+        demo.apply_samples()
+
+        step("5/7 Running the pods as local processes (operator, agent, runtimes, router)")
+        demo.run_pods()
+        demo.wait_tiers_ready()
+
+        step("6/7 Easy and hard prompts through the openai client (model=auto)")
+        results = demo.ask(EASY[:3] + HARD[:3])
+        print(table(["prompt", "complexity", "tier", "escalated", "latency ms"],
+                    [[r["prompt"][:48] + ("…" if len(r["prompt"]) > 48 else ""), f"{r['complexity']:.3f}",
+                      r["tier"], r["escalated"], f"{r['latency_ms']:.0f}"] for r in results]))
+
+        step("7/7 A burst of load (45 s, 24 clients), then quiet: scaling and power decisions as they happen")
+        print(demo.snapshot())
+        demo.new_decisions()  # only what happens from here on
+        counts: dict[str, int] = {}
+        t = threading.Thread(target=lambda: counts.update(demo.burst()), daemon=True)
+        t.start()
+        while t.is_alive():
+            demo.watch(6)
+        print(f"    burst done: {counts}")
+        print(demo.snapshot())
+        print("    quiet now; waiting for the scale-down window and the idle power cap")
+        demo.watch(90, until=lambda: all((t.get("status") or {}).get("replicas", 0) <= t["spec"]["replicas"]["min"]
+                                         for t in demo.tiers().values()) and len(demo.decisions) > 0)
+        print(demo.snapshot())
+        step(f"Done in {time.monotonic() - started:.0f}s. Decisions: {len(demo.decisions)}")
+    except (ClusterError, TimeoutError, subprocess.CalledProcessError) as e:
         print(f"demo failed: {e}", file=sys.stderr)
-        cluster.down()
+        demo.stop()
+        if not keep:
+            cluster.down()
         return 1
     if keep:
-        print("KEEP=1: the cluster stays up. Stop it with `make cluster-down`.")
+        print(cluster.describe())
+        print(f"Router (OpenAI API): {demo.router_url}/v1   key: {API_KEY}")
+        print("KEEP=1: everything stays up while this process runs; Ctrl-C stops the local pods,"
+              " `make cluster-down` the cluster.")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        demo.stop()
     else:
-        step("Tearing down (KEEP=1 keeps the cluster)")
+        step("Tearing down (KEEP=1 keeps it running)")
+        demo.stop()
         cluster.down()
     return 0
 

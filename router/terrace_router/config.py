@@ -37,6 +37,10 @@ class TierConfig(_Model):
     max_inflight_per_endpoint: int = Field(default=64, ge=1)
     connect_timeout_seconds: float = Field(default=2.0, gt=0)
     read_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Passive health: an endpoint that fails this many times in a row is left
+    # out for eject_seconds, then given one request to prove itself again.
+    eject_after_failures: int = Field(default=3, ge=1)
+    eject_seconds: float = Field(default=10.0, gt=0)
 
 
 class ClassifierConfig(_Model):
@@ -49,6 +53,18 @@ class CalibrationConfig(_Model):
     target_large_share: float = Field(default=0.3, ge=0.0, le=1.0)
     window: int = Field(default=2000, ge=10, description="Live scores the rolling quantile keeps")
     warmup: int = Field(default=50, ge=0, description="Scores before the live quantile replaces the shipped one")
+    # Fixed score thresholds, one per boundary between consecutive OpenAI
+    # tiers (ascending): a score >= thresholds[i] goes past tier i. Setting
+    # them turns the live calibration off (pinned routing, e.g. for tests).
+    thresholds: list[float] | None = None
+
+    @field_validator("thresholds")
+    @classmethod
+    def _ascending(cls, thresholds: list[float] | None) -> list[float] | None:
+        pairs = zip(thresholds or [], (thresholds or [])[1:], strict=False)
+        if any(b < a for a, b in pairs):
+            raise ValueError("thresholds must be ascending")
+        return thresholds
 
 
 class EscalationConfig(_Model):
@@ -58,6 +74,9 @@ class EscalationConfig(_Model):
     # Mean token logprob below which a cheap answer counts as unsure.
     min_mean_logprob: float = -2.5
     max_attempts: int = Field(default=3, ge=1)
+    # When the chosen tier and every larger one fail or are saturated, try the
+    # smaller tiers too (a weaker answer beats none). Never for low confidence.
+    fallback_to_smaller: bool = True
 
 
 class CacheConfig(_Model):
@@ -66,6 +85,8 @@ class CacheConfig(_Model):
     max_entries: int = Field(default=10000, ge=0)
     # Cache answers to temperature > 0 requests too (off: they are meant to vary).
     include_non_deterministic: bool = False
+    # Cache streamed answers too (replayed as the same SSE bytes on a hit).
+    include_streaming: bool = False
 
 
 class AuthConfig(_Model):
@@ -96,8 +117,19 @@ class RouterConfig(_Model):
 
     @model_validator(mode="after")
     def _router_name_is_not_a_tier(self) -> RouterConfig:
-        if any(t.name == self.name for t in self.tiers):
-            raise ValueError(f"router name {self.name!r} collides with a tier name")
+        if any(t.name in (self.name, "auto") for t in self.tiers):
+            raise ValueError(f"router name {self.name!r} (or 'auto') collides with a tier name")
+        return self
+
+    @model_validator(mode="after")
+    def _one_threshold_per_boundary(self) -> RouterConfig:
+        thresholds = self.calibration.thresholds
+        n_openai = sum(1 for t in self.tiers if t.protocol == "openai")
+        if thresholds is not None and len(thresholds) != max(n_openai - 1, 0):
+            raise ValueError(
+                f"calibration.thresholds needs {max(n_openai - 1, 0)} value(s), one per boundary "
+                f"between the {n_openai} OpenAI tiers; got {len(thresholds)}"
+            )
         return self
 
     def tier(self, name: str) -> TierConfig | None:
