@@ -7,7 +7,7 @@ CLUSTER_DIR ?= $(CURDIR)/.cache/cluster
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: chart-sync help deps python tools system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean
+.PHONY: bench bench-env chart-sync help deps python tools system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean
 
 help:
 	@echo "make demo          bring up a real cluster, install Terrace, route and scale (all set-up included)"
@@ -59,3 +59,15 @@ chart-sync:
 	cp crds/terrace.dev_*.yaml charts/terrace/crds/
 	cp operator/terrace_operator/rbac/clusterrole.yaml charts/terrace/files/operator-clusterrole.yaml
 	cp operator/terrace_operator/agent/rbac.yaml charts/terrace/files/agent-rbac.yaml
+
+# Benchmarks print side-by-side tables; LiteLLM (the router's peer) lives in
+# its own virtualenv because it pins older openai/fastapi than Terrace uses.
+bench-env: python
+	@test -x .cache/bench-venv/bin/litellm || { $(PYTHON) -m venv --system-site-packages .cache/bench-venv && \
+	  .cache/bench-venv/bin/pip install -q 'litellm[proxy]'; }
+
+bench: deps bench-env
+	$(PYTHON) bench/router.py
+	$(PYTHON) bench/runtime.py
+	$(PYTHON) bench/energy.py
+	$(PYTHON) bench/operator.py

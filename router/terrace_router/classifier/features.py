@@ -18,12 +18,12 @@ Three groups:
 Everything here is pure Python over C-implemented string/bytes/regex calls
 (no per-character Python loops), and each pass over the text is paid for:
 the router scores every request, with a p99 budget of 200 us for a
-2,000-character prompt. One `bytes.translate` into character classes and
-one `numpy.bincount` give every single-character count; the multi-character
-patterns are counted on that class string, where merged classes let one
-pass stand for several, and rare patterns are looked for only when the
-characters they need occur at all. How each fast path equals its definition
-is said where it is done; tests/unit/test_classifier_features_equivalence.py
+2,000-character prompt. Patterns are counted on a translated "shape" of
+the text where merged character classes let one pass stand for several;
+rare patterns and characters are searched for only when a cheaper check
+(a one-byte memchr, a word already found, a digit count) says they can
+occur. Where a fast path stands for its definition, a comment says why it
+is the same; tests/unit/test_classifier_features_equivalence.py
 keeps the original, plainer extraction and checks the two agree exactly on
 the shared data, edge cases and random text.
 
@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import math
 import re
-
-import numpy as np
 
 FEATURE_SPEC_VERSION = 1
 
@@ -94,26 +92,23 @@ _TO_WORDS = _table({_PUNCT + b"\t\r\n": b" "})
 # the words and the phrases are matched in lower case.
 _TO_WORDS_LOWER = _TO_WORDS.lower()
 
-# Character classes, one byte each; every single-character count is a count
-# of some classes (one bincount for all), and substring counts on the class
-# string stand in for regexes ("9.9" is a decimal, " Ul" a capitalised word).
-# Digits -> 9, upper -> U, lower -> l. Space and newline share ' ': both
-# start a capitalised word and end a sentence after '.', so " Ul" and ". "
-# each count two patterns of the text in one pass (neither can overlap
-# itself or its twin, so a merged count is the sum of the separate ones).
-# Tab and CR -> '\t' (whitespace, but no such boundary). The characters the
-# other features count or gate on keep their own class; the rest of the
-# math and code symbols fold into '+' and '['; every other byte -> NUL.
-_CLASS_OF: dict[bytes, bytes] = {
+# The shape of the text, for patterns that would otherwise need regexes
+# ("9.9" is a decimal, " Ul" a capitalised word): digits -> 9, upper -> U,
+# lower -> l; '.', ',', '/', '%' kept; every other byte -> NUL, except:
+# space and newline both -> ' '. Both start a capitalised word and end a
+# sentence after '.', so one count of " Ul" (or ". ") is the count of " Ul"
+# plus that of "\nUl" in the text: neither pattern can overlap itself or the
+# other, so the merged count is the sum of the separate ones. Tab and CR ->
+# '\t', whitespace (for the space count) but no such boundary.
+_TO_SHAPE = _table({
+    bytes(range(256)): b"\0",  # applied first: the entries below win
     _DIGITS: b"9", _UPPER: b"U", b"abcdefghijklmnopqrstuvwxyz": b"l",
-    b" \n": b" ", b"\t\r": b"\t", b"+*^<\\": b"+", b"[]_": b"[",
-    **{bytes([c]): bytes([c]) for c in b'.,/%?"|#{};()=>'},
-}
-_TO_CLASS = bytes(256).translate(None) if False else bytes(256)  # placeholder
-_MATH_CLASSES = b"+/=>"       # _MATH  = =+*/^<>\\
-_CODE_CLASSES = b"[{};()#"    # _CODE  = {}[]();_#
-_HINT_CLASSES = b"{};#"       # _CODE_HINT
-_SPACE_CLASSES = b" \t"       # _SPACE = space, tab, CR, newline
+    b" \n": b" ", b"\t\r": b"\t", b".": b".", b",": b",", b"/": b"/", b"%": b"%",
+})
+# (pattern in the shape, a character it needs: no search without it)
+_DECIMALS: tuple[tuple[bytes, bytes], ...] = (
+    (b"9.9", b"."), (b"9,9", b","), (b"9/9", b"/"), (b"9%", b"%"),
+)
 
 _CHOICE_SPLIT = re.compile(r"\n[A-J][.)] ")
 _ANSWER_TAIL = "\nAnswer:"
@@ -179,15 +174,29 @@ _WORD_TO_CUE: dict[bytes, str] = {w: cue for cue, ws in _CUE_WORDS.items() for w
 _NEGATIONS: dict[bytes, bytes] = {
     b"not": b" NOT ", b"except": b" EXCEPT ", b"least": b" LEAST ", b"false": b" FALSE ",
 }
-_TRIGGERS = (frozenset(_WORD_TO_CUE) | frozenset(t for _, t, _ in _CUE_PHRASES)
-             | frozenset(_NEGATIONS))
-# Code pasted into the prompt itself, whatever the request says. The
-# brace-language markers are searched only when the prompt has such
-# punctuation at all (every search is a pass over the text).
-_CODE_LINE_MARKERS = (b"```", b"\ndef ", b"\nclass ", b"\nimport ")
+# A trigger word's phrases, so that only the phrases of words present are
+# searched for (each search is a pass over the text).
+_PHRASES_OF: dict[bytes, tuple[tuple[str, bytes], ...]] = {
+    trigger: tuple((c, p) for c, t, p in _CUE_PHRASES if t == trigger)
+    for _, trigger, _ in _CUE_PHRASES
+}
+# Code pasted into the prompt itself, whatever the request says. Every
+# marker search is a pass over the text, so each runs only when what it
+# needs occurs: a line marker ("\ndef ") only when its word is a word of the
+# prompt (newline and space both split words), and the brace-language
+# markers only when the prompt has such punctuation at all, and each only
+# when all of its punctuation does (a one-byte `in` is a memchr).
+_CODE_LINE_MARKERS: tuple[tuple[bytes, bytes], ...] = (  # (its word, marker)
+    (b"def", b"\ndef "), (b"class", b"\nclass "), (b"import", b"\nimport "),
+)
 _CODE_MARKERS = (b"#include", b"=>", b"();", b"){", b") {", b"};", b"function(",
                  b"public static", b"SELECT ")
-_CODE_HINT = b"{};#"
+_MARKER_PUNCT = frozenset(b"".join(_CODE_MARKERS)) & frozenset(_PUNCT)
+_GATED_CODE_MARKERS: tuple[tuple[bytes, frozenset[int]], ...] = tuple(
+    (m, frozenset(m) & _MARKER_PUNCT) for m in _CODE_MARKERS
+)
+_TRIGGERS = (frozenset(_WORD_TO_CUE) | frozenset(_PHRASES_OF) | frozenset(_NEGATIONS)
+             | frozenset(w for w, _ in _CODE_LINE_MARKERS))
 _CHITCHAT_MAX_CHARS = 120
 
 
@@ -206,10 +215,24 @@ def _count(data: bytes, chars: bytes) -> int:
 def _cues(padded: bytes, words: list[bytes]) -> tuple[set[str], frozenset[bytes]]:
     hits = _TRIGGERS.intersection(words)
     found = {_WORD_TO_CUE[w] for w in hits if w in _WORD_TO_CUE}
-    for cue, trigger, phrase in _CUE_PHRASES:
-        if trigger in hits and cue not in found and phrase in padded:
-            found.add(cue)
+    for w in hits:
+        for cue, phrase in _PHRASES_OF.get(w, ()):
+            if cue not in found and phrase in padded:
+                found.add(cue)
     return found, hits
+
+
+def _pasted_code(data: bytes, hits: frozenset[bytes]) -> bool:
+    if b"`" in data and b"```" in data:
+        return True
+    for word, marker in _CODE_LINE_MARKERS:
+        # `marker in b"\n" + data`, without copying the text
+        if word in hits and (marker in data or data.startswith(marker[1:])):
+            return True
+    if not (b"{" in data or b"}" in data or b";" in data or b"#" in data):
+        return False
+    present = {c for c in _MARKER_PUNCT if c in data}
+    return any(marker in data for marker, needs in _GATED_CODE_MARKERS if needs <= present)
 
 
 def extract(text: str) -> list[float]:
@@ -218,15 +241,20 @@ def extract(text: str) -> list[float]:
     t = clip(text)
     data = t.encode("utf-8", "replace")
     n_bytes = max(len(data), 1)
-    spaced = b" " + data.translate(_TO_WORDS) + b" "
-    lower = spaced.lower()
+    # Counting in the UTF-8 bytes: the same counts as in str, at C speed.
+    shape = data.translate(_TO_SHAPE)
+    digits = shape.count(b"9")
+    space = shape.count(b" ") + (shape.count(b"\t") if b"\t" in shape else 0)
+    nonspace = len(data) - space
+    lower = (b" " + data + b" ").translate(_TO_WORDS_LOWER)
     word_list = lower.split()
     n_words = max(len(word_list), 1)
-    shape = data.translate(_TO_SHAPE)
-    nonspace = len(data) - _count(data, _SPACE)
-    digits = _count(data, _DIGITS)
-    # Counting in the UTF-8 bytes: memchr-fast, and the same counts as in str.
-    sentences = 1 + data.count(b". ") + data.count(b"? ") + data.count(b"! ") + data.count(b".\n")
+    questions = data.count(b"?")
+    # ". " in the shape = ". " and ".\n" in the text (see _TO_SHAPE); "? "
+    # and "! " are searched for only when there is a '?' or a '!'.
+    sentences = (1 + shape.count(b". ")
+                 + (data.count(b"? ") if questions else 0)
+                 + (data.count(b"! ") if b"!" in data else 0))
 
     parts = _CHOICE_SPLIT.split(t)
     stem = parts[0]
@@ -240,24 +268,40 @@ def extract(text: str) -> list[float]:
         mean = sum(lens) / len(lens)
         std = math.sqrt(sum((x - mean) ** 2 for x in lens) / len(lens))
         longest = max(lens)
-        numeric = sum(1 for c in choices if _is_numeric(c)) / len(choices)
+        # A numeric choice has a digit: none in the text, none numeric.
+        numeric = sum(1 for c in choices if _is_numeric(c)) / len(choices) if digits else 0.0
     else:
         mean = std = longest = numeric = 0.0
-    stem_bytes = stem.encode("utf-8", "replace")
-    stem_digit_frac = _count(stem_bytes, _DIGITS) / max(len(stem_bytes), 1)
+    # The stem is a prefix of the text, so its bytes are a prefix of `data`
+    # (UTF-8, and 'replace', work code point by code point).
+    stem_len = len(stem.encode("utf-8", "replace"))
+    stem_digits = digits if stem_len == len(data) else shape.count(b"9", 0, stem_len)
+    stem_digit_frac = stem_digits / max(stem_len, 1)
 
     cues, hits = _cues(lower, word_list)
-    lines = b"\n" + data
-    code = (
-        "code" in cues
-        or any(m in lines for m in _CODE_LINE_MARKERS)
-        or (_count(data, _CODE_HINT) > 0 and any(m in data for m in _CODE_MARKERS))
-    )
+    code = "code" in cues or _pasted_code(data, hits)
     chitchat = "greeting" in cues and n_chars <= _CHITCHAT_MAX_CHARS
-    negation = any(_NEGATIONS[w] in spaced for w in hits if w in _NEGATIONS)
-    capitalized = shape.count(b" Ul") + shape.count(b"\nUl") + shape.startswith(b"Ul")
-    decimals = (shape.count(b"9.9") + shape.count(b"9,9") + shape.count(b"9/9")
-                + shape.count(b"9%"))
+    negation = False
+    for w in hits:
+        # " NOT " as a whole word needs "NOT" in the text: most prompts with
+        # the word "not" have no upper-case one, and skip the translation.
+        if w in _NEGATIONS and _NEGATIONS[w].strip() in data:
+            spaced = b" " + data.translate(_TO_WORDS) + b" "
+            negation = any(_NEGATIONS[n] in spaced for n in hits if n in _NEGATIONS)
+            break
+    # " Ul" counts both " Ul" and "\nUl" of the text (see _TO_SHAPE).
+    capitalized = shape.count(b" Ul") + shape.startswith(b"Ul")
+    # Numbers with a decimal point, comma, slash or percent need a digit and
+    # their separator.
+    decimals = 0
+    if digits:
+        for pattern, separator in _DECIMALS:
+            if separator in data:
+                decimals += shape.count(pattern)
+    four_digits = digits >= 4 and b"9999" in shape
+    # The rarer characters are counted only when present (a memchr).
+    quotes = ((data.count(b'"') if b'"' in data else 0)
+              + (0 if data.isascii() else data.count("\u201c".encode())))
 
     log1p = math.log1p
     return [
@@ -271,11 +315,11 @@ def extract(text: str) -> list[float]:
         log1p(digits),
         log1p(_count(data, _MATH)),
         log1p(_count(data, _CODE)),
-        _count(data, _UPPER) / n_bytes,
+        shape.count(b"U") / n_bytes,
         log1p(data.count(b",")),
-        log1p(data.count(b"?")),
-        log1p(data.count(b'"') + data.count("\u201c".encode())),
-        log1p(data.count(b"|")),
+        log1p(questions),
+        log1p(quotes),
+        log1p(data.count(b"|") if b"|" in data else 0),
         log1p(decimals),
         capitalized / n_words,
         1.0 if is_mc else 0.0,
@@ -291,7 +335,7 @@ def extract(text: str) -> list[float]:
         1.0 if "first_person" in cues else 0.0,
         1.0 if "calculate" in cues else 0.0,
         1.0 if "explain" in cues else 0.0,
-        1.0 if b"9999" in shape else 0.0,
+        1.0 if four_digits else 0.0,
         1.0 if "judgement" in cues else 0.0,
         1.0 if "conditional" in cues else 0.0,
         1.0 if "which_of_following" in cues else 0.0,

@@ -1,0 +1,107 @@
+"""Routing decisions as plain functions: which tiers to try, in what order, and
+whether a cheap answer is sure enough to keep.
+
+No I/O here; `proxy.py` does the HTTP and asks these functions what to do.
+
+Confidence signal
+-----------------
+When escalation on low confidence is on, the router asks the cheap tier for
+token log-probabilities (`logprobs: true` on chat, `logprobs: 1` on legacy
+completions) unless the client asked for them itself, and computes the mean
+log-probability of the sampled tokens over all choices. A mean below
+`escalation.minMeanLogprob` (default -2.5, i.e. a geometric-mean token
+probability under about 8%) means the small model was guessing, and the
+request is re-asked on the next tier. An upstream that returns no logprobs
+gives no signal, and its answer is kept. The logprobs the router added are
+removed before the client sees the answer. Streaming requests are not
+checked (the tier is decided before the first byte).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+# Why the router left a tier; used as the `reason` label and in the
+# `x-terrace-escalated` header.
+LOW_CONFIDENCE = "low_confidence"
+ERROR = "error"
+TIMEOUT = "timeout"
+OVERLOAD = "overload"
+
+
+def tier_for_score(score: float, thresholds: Sequence[float]) -> int:
+    """Index of the tier for a score under fixed ascending thresholds.
+
+    A score at or above thresholds[i] goes past tier i.
+    """
+    return bisect.bisect_right(thresholds, score)
+
+
+def attempt_order(
+    start: int, n_tiers: int, *, pinned: bool, fallback_to_smaller: bool, max_attempts: int
+) -> list[int]:
+    """Tier indexes to try, in order: the chosen one, then larger ones, then
+    (if allowed) smaller ones from the nearest down. A pinned request tries
+    only its tier. Bounded by max_attempts."""
+    if pinned:
+        return [start]
+    order = list(range(start, n_tiers))
+    if fallback_to_smaller:
+        order += range(start - 1, -1, -1)
+    return order[:max_attempts]
+
+
+def mean_token_logprob(response: dict[str, Any], kind: str) -> float | None:
+    """Mean log-probability of the sampled tokens in an OpenAI response, or
+    None when the upstream returned none."""
+    total = 0.0
+    count = 0
+    for choice in response.get("choices") or ():
+        lp = choice.get("logprobs") if isinstance(choice, dict) else None
+        if not isinstance(lp, dict):
+            continue
+        if kind == "chat":
+            for tok in lp.get("content") or ():
+                value = tok.get("logprob") if isinstance(tok, dict) else None
+                if isinstance(value, int | float) and math.isfinite(value):
+                    total += value
+                    count += 1
+        else:
+            for value in lp.get("token_logprobs") or ():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    total += value
+                    count += 1
+    return total / count if count else None
+
+
+def is_low_confidence(response: dict[str, Any], kind: str, min_mean_logprob: float) -> bool:
+    mean = mean_token_logprob(response, kind)
+    return mean is not None and mean < min_mean_logprob
+
+
+def request_logprobs(payload: dict[str, Any], kind: str) -> bool:
+    """Ask the upstream for the logprobs the confidence check needs; True if
+    the router added them (and must strip them from the answer)."""
+    if kind == "chat":
+        if payload.get("logprobs"):
+            return False
+        payload["logprobs"] = True
+        return True
+    if payload.get("logprobs") is not None:
+        return False
+    payload["logprobs"] = 1
+    return True
+
+
+def strip_logprobs(response: dict[str, Any]) -> None:
+    for choice in response.get("choices") or ():
+        if isinstance(choice, dict) and "logprobs" in choice:
+            choice["logprobs"] = None
+
+
+def retry_after_seconds(seconds: float) -> int:
+    """A Retry-After value: whole seconds, at least 1."""
+    return max(1, math.ceil(seconds))

@@ -1,0 +1,110 @@
+"""Upstream endpoints of one tier: least-in-flight balancing, an in-flight
+limit per endpoint, and passive health (eject after repeated failures, try
+again after a cooldown).
+
+Pure bookkeeping over plain counters; the caller passes the clock and does
+the HTTP. Everything runs on the event loop thread, so no locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def normalize_base_url(url: str) -> str:
+    """`http://h:8080/`, `http://h:8080/v1` -> `http://h:8080` (paths are added per API)."""
+    url = url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[:-3]
+    return url
+
+
+class Endpoint:
+    __slots__ = (
+        "base",
+        "chat_url",
+        "completions_url",
+        "inflight",
+        "failures",
+        "ejected_until",
+        "targets",
+    )
+
+    def __init__(self, base: str) -> None:
+        self.base = normalize_base_url(base)
+        # Precomputed so the hot path does no string work.
+        self.chat_url = self.base + "/v1/chat/completions"
+        self.completions_url = self.base + "/v1/completions"
+        self.inflight = 0
+        self.failures = 0  # consecutive
+        self.ejected_until = 0.0
+        # Parsed URL objects, filled by the HTTP layer (parsing per request costs ~20 us).
+        self.targets: dict[str, object] = {}
+
+    def url_for(self, kind: str) -> str:
+        return self.chat_url if kind == "chat" else self.completions_url
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.base!r}, inflight={self.inflight}, failures={self.failures})"
+
+
+class Pick:
+    """Why no endpoint was picked, when none was."""
+
+    OVERLOADED = "overloaded"  # every healthy endpoint is at its in-flight limit
+    UNAVAILABLE = "unavailable"  # every endpoint is ejected (or already tried)
+
+
+class TierPool:
+    __slots__ = ("endpoints", "max_inflight", "eject_after", "eject_seconds", "_next")
+
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        *,
+        max_inflight: int,
+        eject_after: int,
+        eject_seconds: float,
+    ) -> None:
+        self.endpoints = endpoints
+        self.max_inflight = max_inflight
+        self.eject_after = eject_after
+        self.eject_seconds = eject_seconds
+        self._next = 0  # rotates the tie-break so equal endpoints share load
+
+    def pick(self, now: float, exclude: Iterable[Endpoint] = ()) -> Endpoint | str:
+        """The healthy endpoint with the fewest requests in flight, or a Pick reason."""
+        best: Endpoint | None = None
+        saw_healthy = False
+        eps = self.endpoints
+        n = len(eps)
+        start = self._next
+        self._next = (start + 1) % n
+        for i in range(n):
+            ep = eps[(start + i) % n]
+            if ep.ejected_until > now or ep in exclude:
+                continue
+            saw_healthy = True
+            if ep.inflight >= self.max_inflight:
+                continue
+            if best is None or ep.inflight < best.inflight:
+                best = ep
+        if best is not None:
+            return best
+        return Pick.OVERLOADED if saw_healthy else Pick.UNAVAILABLE
+
+    def succeeded(self, ep: Endpoint) -> None:
+        ep.failures = 0
+        ep.ejected_until = 0.0
+
+    def failed(self, ep: Endpoint, now: float) -> None:
+        ep.failures += 1
+        if ep.failures >= self.eject_after:
+            # After the cooldown one request probes it; another failure
+            # ejects it again at once because the count stays high.
+            ep.ejected_until = now + self.eject_seconds
+
+    def seconds_until_available(self, now: float) -> float:
+        """How long until some endpoint leaves ejection (0 if one is healthy)."""
+        waits = [ep.ejected_until - now for ep in self.endpoints]
+        return max(0.0, min(waits)) if waits else 0.0

@@ -1,0 +1,158 @@
+"""Validation of OpenAI request bodies, and the text the classifier scores.
+
+The router forwards the client's JSON as it came (unknown fields included:
+upstreams such as vLLM accept many extensions), so these models only check
+the fields the router itself relies on or that a client commonly gets wrong,
+and turn pydantic's error into a 400 naming the bad `param` the way OpenAI
+does (`messages.[0].role`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import RouterError, bad_request
+
+
+class _Open(BaseModel):
+    # extra="allow": fields the router does not know are still valid upstream.
+    # strict: OpenAI rejects "5" for an integer and "yes" for a boolean too.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _Sampling(_Open):
+    model: str = Field(min_length=1)
+    stream: bool = False
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    max_tokens: int | None = Field(default=None, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream_options: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+
+_MODELS: dict[str, type[_Sampling]] = {
+    "chat": ChatCompletionRequest,
+    "completions": CompletionRequest,
+}
+
+
+def validate(kind: str, payload: Any) -> None:
+    """Raise a 400 RouterError naming the first bad field of an OpenAI request body."""
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.")
+    try:
+        _MODELS[kind].model_validate(payload)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        param = param_name(payload, err["loc"])
+        if err["type"] == "missing":
+            raise bad_request(
+                f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
+            ) from None
+        raise bad_request(
+            f"Invalid value for '{param}': {err['msg']}.", param, "invalid_value"
+        ) from None
+
+
+def param_name(payload: Any, loc: tuple[Any, ...]) -> str:
+    """OpenAI's spelling of a field path (`messages.[0].content`), from pydantic's loc.
+
+    Pydantic adds the tried member of a union (`str`, `list[...]`) to the
+    loc; walking the payload alongside keeps only real keys and indexes.
+    """
+    parts: list[str] = []
+    node = payload
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list) and 0 <= item < len(node):
+            parts.append(f"[{item}]")
+            node = node[item]
+        elif isinstance(item, str) and isinstance(node, dict):
+            parts.append(item)
+            if item not in node:
+                break  # a missing field: name it and stop
+            node = node[item]
+        else:
+            break  # a union tag or a leaf: the path so far is the param
+    return ".".join(parts)
+
+
+# Long prompts are scored on their head and tail: the classifier is built
+# for up to ~2,000 characters and its cost grows with the text.
+_SCORE_HEAD = 2048
+_SCORE_TAIL = 2048
+
+
+def _clip(text: str) -> str:
+    if len(text) <= _SCORE_HEAD + _SCORE_TAIL:
+        return text
+    return text[:_SCORE_HEAD] + "\n" + text[-_SCORE_TAIL:]
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def prompt_text(kind: str, payload: dict[str, Any]) -> str:
+    """The text the complexity classifier scores: the last user turn (RouteLLM does the same)."""
+    if kind == "chat":
+        messages = payload["messages"]
+        for message in reversed(messages):
+            if message.get("role") == "user":
+                return _clip(_content_text(message.get("content")))
+        return _clip(_content_text(messages[-1].get("content")))
+    prompt = payload["prompt"]
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt and isinstance(prompt[0], str) else ""
+    return _clip(prompt)
+
+
+def is_deterministic(payload: dict[str, Any]) -> bool:
+    """True when the client asked for greedy decoding (temperature 0).
+
+    A request without `temperature` gets the upstream's default (1.0 in
+    OpenAI's API and vLLM), so it is not deterministic.
+    """
+    t = payload.get("temperature")
+    return t is not None and t == 0
+
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "RouterError",
+    "is_deterministic",
+    "param_name",
+    "prompt_text",
+    "validate",
+]
