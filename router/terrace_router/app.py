@@ -1,8 +1,8 @@
 """The router's ASGI app factory (Starlette).
 
 `create_app(config)` or `create_app(config_path=...)` (the latter also
-watches the file and reloads). The one shared `httpx.AsyncClient` is created
-in the lifespan; nothing starts at import.
+watches the file and reloads). The one shared upstream `aiohttp.ClientSession`
+is created in the lifespan; nothing starts at import.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -30,7 +29,7 @@ from .oip import OipProxy, ready_response
 from .proxy import Proxy
 from .reload import ConfigWatcher, StateHolder
 from .state import RouterState
-from .transport import FastTransport
+from .upstream import open_session
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +75,8 @@ def create_app(
     *,
     config_path: str | Path | None = None,
     reload_interval: float = 1.0,
-    fast_transport: bool = True,
 ) -> Starlette:
-    """The router app. `fast_transport=False` uses httpx's default (httpcore)
-    transport instead of the lean one in `transport.py`."""
+    """The router app."""
     if config is None:
         if config_path is None:
             raise ValueError("create_app needs a config or a config_path")
@@ -93,20 +90,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # One pooled keep-alive client for every upstream. Timeouts are set
-        # per tier on each request; connection count is bounded by the
-        # per-endpoint in-flight limits, not here.
-        limits = httpx.Limits(
-            max_connections=None, max_keepalive_connections=1024, keepalive_expiry=4.0
-        )
-        transport = FastTransport() if fast_transport else None
-        async with httpx.AsyncClient(
-            limits=limits,
-            transport=transport,
-            trust_env=False,
-            follow_redirects=False,
-            headers={"accept-encoding": "identity"},
-        ) as client:
+        # One pooled keep-alive session for every upstream. Timeouts are set
+        # per tier on each request (state.py).
+        async with open_session() as client:
             proxy.client = client
             task = asyncio.create_task(watcher.run()) if watcher else None
             holder.ready = True

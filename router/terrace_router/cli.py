@@ -63,12 +63,6 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between checks of the config file",
     )
     serve.add_argument(
-        "--http-client",
-        choices=["fast", "httpcore"],
-        default="fast",
-        help="upstream wire layer under the shared httpx client",
-    )
-    serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     check = sub.add_parser("check", help="validate a routing table file and print it normalized")
@@ -106,7 +100,6 @@ def _serve(args: argparse.Namespace, config: RouterConfig) -> int:
             config,
             config_path=args.config,
             reload_interval=args.reload_interval,
-            fast_transport=args.http_client == "fast",
         )
     except (OSError, ValueError) as exc:  # e.g. the API key file named in the table is missing
         print(f"terrace-router: cannot start: {exc}", file=sys.stderr)

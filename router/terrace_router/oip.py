@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from time import monotonic, perf_counter
 
-import httpx
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -23,6 +23,7 @@ from .metrics import RouterMetrics
 from .pool import Endpoint
 from .proxy import read_body
 from .state import RouterState, Tier
+from .upstream import CONNECT, TIMEOUT, Reply, UpstreamFailure, fetch
 
 # Headers of the binary tensor extension travel with the body.
 _FORWARD_HEADERS = ("content-type", "inference-header-content-length")
@@ -33,7 +34,7 @@ class OipProxy:
         self,
         current: Callable[[], RouterState],
         metrics: RouterMetrics,
-        client: Callable[[], httpx.AsyncClient | None],
+        client: Callable[[], aiohttp.ClientSession | None],
         version: str,
     ) -> None:
         self.current = current
@@ -76,14 +77,14 @@ class OipProxy:
             if (v := resp.headers.get(h)) is not None:
                 out_headers[h] = v
         if request.method == "POST":
-            self.metrics.observe_request(tier.name, resp.status_code, perf_counter() - t0)
-            if resp.status_code < 300 and tier.index >= 0:
+            self.metrics.observe_request(tier.name, resp.status, perf_counter() - t0)
+            if resp.status < 300 and tier.index >= 0:
                 state.share.record(tier.index)
-        return Response(resp.content, status_code=resp.status_code, headers=out_headers)
+        return Response(resp.body, status_code=resp.status, headers=out_headers)
 
     async def _send(
         self, tier: Tier, method: str, path: str, body: bytes | None, headers: dict[str, str]
-    ) -> httpx.Response:
+    ) -> Reply:
         client = self.client()
         assert client is not None
         pool = tier.pool
@@ -103,22 +104,18 @@ class OipProxy:
                 )
             ep.inflight += 1
             try:
-                resp = await client.request(
-                    method, ep.base + path, content=body, headers=headers, timeout=tier.timeout
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+                resp = await fetch(client, method, ep.base + path, body, headers, tier.timeout)
+            except UpstreamFailure as failure:
                 pool.failed(ep, monotonic())
-                tried.add(ep)
-                continue
-            except httpx.TimeoutException:
-                pool.failed(ep, monotonic())
-                raise RouterError(504, f"Tier '{tier.name}' timed out.") from None
-            except httpx.HTTPError:
-                pool.failed(ep, monotonic())
+                if failure.kind is CONNECT:
+                    tried.add(ep)
+                    continue
+                if failure.kind is TIMEOUT:
+                    raise RouterError(504, f"Tier '{tier.name}' timed out.") from None
                 raise RouterError(502, f"Tier '{tier.name}' failed.") from None
             finally:
                 ep.inflight -= 1
-            if resp.status_code >= 500:
+            if resp.status >= 500:
                 pool.failed(ep, monotonic())
             else:
                 pool.succeeded(ep)

@@ -2,7 +2,7 @@
 
 One `Proxy` per app. It reads the current `RouterState` once per request
 (so a reload never changes the rules under a request in flight) and uses the
-app's one shared `httpx.AsyncClient`. Decisions (tier order, confidence) come
+app's one shared upstream session (`upstream.py`). Decisions (tier order, confidence) come
 from `policy.py`; this module only does the I/O around them.
 
 A request is never dropped: it gets an upstream's answer, the best answer
@@ -19,11 +19,12 @@ from collections.abc import Callable
 from time import monotonic, perf_counter
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+from yarl import URL
 
 from . import policy
 from .cache import CachedAnswer, cache_key
@@ -32,6 +33,7 @@ from .metrics import RouterMetrics
 from .pool import Endpoint, Pick, TierPool
 from .schemas import is_deterministic, prompt_text, validate
 from .state import RouterState, Tier
+from .upstream import CONNECT, STREAM_ERRORS, Reply, UpstreamFailure, fetch, send
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class Proxy:
     def __init__(self, current: Callable[[], RouterState], metrics: RouterMetrics) -> None:
         self.current = current
         self.metrics = metrics
-        self.client: httpx.AsyncClient | None = None  # set by the app's lifespan
+        self.client: aiohttp.ClientSession | None = None  # set by the app's lifespan
 
     # -- entry point -------------------------------------------------------
 
@@ -206,7 +208,7 @@ class Proxy:
 
             outcome, resp = await self._send(tier, kind, data)
             if resp is not None and outcome is OK:
-                content = resp.content
+                content = resp.body
                 if check:
                     parsed = _loads_or_none(content)
                     if parsed is not None:
@@ -232,8 +234,8 @@ class Proxy:
             if resp is not None and outcome is CLIENT_ERROR:
                 return self._passthrough(
                     tier,
-                    resp.status_code,
-                    resp.content,
+                    resp.status,
+                    resp.body,
                     resp.headers.get("content-type", _JSON),
                     complexity,
                     reasons,
@@ -314,7 +316,7 @@ class Proxy:
         err.extra_headers = _decision_headers("none", complexity, reasons)
         return err
 
-    async def _send(self, tier: Tier, kind: str, data: bytes) -> tuple[str, httpx.Response | None]:
+    async def _send(self, tier: Tier, kind: str, data: bytes) -> tuple[str, Reply | None]:
         """One attempt on a tier; another of its endpoints is tried only when
         the connection could not be made (then nothing was sent)."""
         pool = tier.pool
@@ -327,27 +329,22 @@ class Proxy:
                 return (OVERLOAD if ep is Pick.OVERLOADED else ERROR), None
             ep.inflight += 1
             try:
-                resp = await client.post(
-                    _target(ep, kind), content=data, headers=_JSON_HEADERS, timeout=tier.timeout
+                resp = await fetch(
+                    client, "POST", _target(ep, kind), data, _JSON_HEADERS, tier.timeout
                 )
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+            except UpstreamFailure as failure:
                 pool.failed(ep, monotonic())
-                tried = tried or set()
-                tried.add(ep)
-                continue
-            except httpx.TimeoutException:
-                pool.failed(ep, monotonic())
-                return TIMEOUT, None
-            except httpx.HTTPError:
-                pool.failed(ep, monotonic())
-                return ERROR, None
+                if failure.kind is CONNECT:
+                    tried = tried or set()
+                    tried.add(ep)
+                    continue
+                return failure.kind, None
             finally:
                 ep.inflight -= 1
-            return self._classify(pool, ep, resp), resp
+            return self._classify(pool, ep, resp.status), resp
 
     @staticmethod
-    def _classify(pool: TierPool, ep: Endpoint, resp: httpx.Response) -> str:
-        status = resp.status_code
+    def _classify(pool: TierPool, ep: Endpoint, status: int) -> str:
         if status >= 500:
             pool.failed(ep, monotonic())
             return ERROR
@@ -391,30 +388,22 @@ class Proxy:
                     outcome = OVERLOAD if ep is Pick.OVERLOADED else ERROR
                     break
                 ep.inflight += 1
-                req = client.build_request(
-                    "POST",
-                    _target(ep, kind),
-                    content=data,
-                    headers=_JSON_HEADERS,
-                    timeout=tier.timeout,
-                )
                 try:
-                    resp = await client.send(req, stream=True)
-                except (httpx.ConnectError, httpx.ConnectTimeout):
+                    resp = await send(
+                        client, "POST", _target(ep, kind), data, _JSON_HEADERS, tier.timeout
+                    )
+                except UpstreamFailure as failure:
                     ep.inflight -= 1
                     pool.failed(ep, monotonic())
-                    tried.add(ep)
-                    continue
-                except httpx.TimeoutException:
-                    ep.inflight -= 1
-                    pool.failed(ep, monotonic())
-                    outcome = TIMEOUT
+                    if failure.kind is CONNECT:
+                        tried.add(ep)
+                        continue
+                    outcome = failure.kind
                     break
-                except httpx.HTTPError:
+                except BaseException:  # cancelled: the client left before the head came
                     ep.inflight -= 1
-                    pool.failed(ep, monotonic())
-                    break
-                outcome = self._classify(pool, ep, resp)
+                    raise
+                outcome = self._classify(pool, ep, resp.status)
                 if outcome is OK:
                     state.share.record(tier.index)
                     headers = _decision_headers(tier.name, complexity, reasons)
@@ -423,10 +412,13 @@ class Proxy:
                     )
                 try:
                     if outcome is CLIENT_ERROR:
-                        content = await resp.aread()
+                        try:
+                            content = await resp.read()
+                        except STREAM_ERRORS:
+                            content = b""
                         return self._passthrough(
                             tier,
-                            resp.status_code,
+                            resp.status,
                             content,
                             resp.headers.get("content-type", _JSON),
                             complexity,
@@ -435,7 +427,7 @@ class Proxy:
                         )
                 finally:
                     ep.inflight -= 1
-                    await resp.aclose()
+                    resp.release()
                 break
             failures.add(outcome)
             allowed = esc.on_overload if outcome is OVERLOAD else esc.on_error
@@ -446,10 +438,10 @@ class Proxy:
         raise self._no_answer(state, order, failures, complexity, reasons)
 
 
-def _target(ep: Endpoint, kind: str) -> httpx.URL:
+def _target(ep: Endpoint, kind: str) -> URL:
     url = ep.targets.get(kind)
     if url is None:
-        url = ep.targets[kind] = httpx.URL(ep.url_for(kind))
+        url = ep.targets[kind] = URL(ep.url_for(kind))
     return url  # type: ignore[return-value]
 
 
@@ -476,7 +468,7 @@ class UpstreamStream:
         state: RouterState,
         tier: Tier,
         ep: Endpoint,
-        resp: httpx.Response,
+        resp: aiohttp.ClientResponse,
         headers: dict[str, str],
         key: str | None,
         complexity: str,
@@ -513,12 +505,12 @@ class UpstreamStream:
 
                 tg.start_soon(watch_disconnect)
                 try:
-                    async for chunk in self.resp.aiter_bytes():
+                    async for chunk in self.resp.content.iter_any():
                         if collected is not None:
                             collected.append(chunk)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     complete = True
-                except httpx.HTTPError as exc:
+                except STREAM_ERRORS as exc:
                     # Too late to escalate: bytes are out. End the stream in
                     # OpenAI's in-band error shape, then [DONE].
                     self.tier.pool.failed(self.ep, monotonic())
@@ -542,8 +534,13 @@ class UpstreamStream:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.ep.inflight -= 1
-            with anyio.CancelScope(shield=True):
-                await self.resp.aclose()
+            # A body read to its end hands the connection back to the pool;
+            # anything else (client gone, upstream broken) closes it, so the
+            # upstream stops generating for nobody.
+            if complete:
+                self.resp.release()
+            else:
+                self.resp.close()
             self.metrics.observe_request(self.tier.name, 200, perf_counter() - self.t0)
             cache = self.state.cache
             if complete and collected is not None and cache is not None and self.key is not None:

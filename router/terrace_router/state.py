@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
+from . import upstream
 from .auth import ApiKeys
 from .cache import ResponseCache
 from .config import RouterConfig, TierConfig
@@ -32,7 +33,7 @@ class Tier:
     index: int  # position among the OpenAI tiers (cost order); -1 for v2-only tiers
     config: TierConfig
     pool: TierPool
-    timeout: httpx.Timeout
+    timeout: aiohttp.ClientTimeout
     upstream_model: str | None
 
     def model_for(self, requested: str, auto: bool) -> str:
@@ -138,12 +139,7 @@ class RouterState:
                 eject_after=tc.eject_after_failures,
                 eject_seconds=tc.eject_seconds,
             )
-            timeout = httpx.Timeout(
-                connect=tc.connect_timeout_seconds,
-                read=tc.read_timeout_seconds,
-                write=tc.read_timeout_seconds,
-                pool=tc.connect_timeout_seconds,
-            )
+            timeout = upstream.timeout(tc.connect_timeout_seconds, tc.read_timeout_seconds)
             index = len(self.openai_tiers) if tc.protocol == "openai" else -1
             tier = Tier(tc.name, index, tc, pool, timeout, tc.upstream_model)
             self.tiers.append(tier)

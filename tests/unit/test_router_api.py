@@ -6,12 +6,13 @@ and OIP v2, and that can be told to fail, stall or answer unsure."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,9 +220,103 @@ class ServerThread:
         self.sock.close()
 
 
+class RawTier:
+    """A TCP server on 127.0.0.1 whose behaviour per connection is a function
+    `handler(conn, n)` (the n-th connection): for the answers no well-behaved
+    HTTP server gives (stale keep-alive, garbage, truncation, breaking off
+    mid-stream)."""
+
+    def __init__(self, handler: Callable[[socket.socket, int], None]) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)  # so the accept loop sees `stop`
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stopping = threading.Event()
+        self.open: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def start(self) -> RawTier:
+        self.thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            self.connections += 1
+            self.open.append(conn)
+            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, n: int) -> None:
+        try:
+            self.handler(conn, n)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+        for conn in self.open:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
+def read_request(conn: socket.socket) -> bytes | None:
+    """One HTTP/1.1 request (head and Content-Length body), None at EOF."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return None
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        more = conn.recv(65536)
+        if not more:
+            return None
+        body += more
+    return head
+
+
+def chat_answer(text: str) -> bytes:
+    body = json.dumps(
+        {
+            "id": "raw",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "small",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+    ).encode()
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+    return head.encode() + b"\r\n\r\n" + body
+
+
 @pytest.fixture
-def servers() -> Iterator[list[ServerThread]]:
-    started: list[ServerThread] = []
+def servers() -> Iterator[list[Any]]:
+    started: list[Any] = []
     yield started
     for s in reversed(started):
         s.stop()
@@ -264,17 +359,14 @@ def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def serve_router(
-    servers: list[ServerThread],
+    servers: list[Any],
     cfg: dict[str, Any],
     config_path: Path | None = None,
-    fast_transport: bool = True,
 ) -> str:
     if config_path is not None:
-        app = create_app(
-            config_path=config_path, reload_interval=0.1, fast_transport=fast_transport
-        )
+        app = create_app(config_path=config_path, reload_interval=0.1)
     else:
-        app = create_app(RouterConfig.model_validate(cfg), fast_transport=fast_transport)
+        app = create_app(RouterConfig.model_validate(cfg))
     srv = ServerThread(app).start()
     servers.append(srv)
     return srv.url
@@ -613,13 +705,12 @@ def test_client_leaving_mid_stream_frees_the_slot(stubs, servers):
     assert large.streams_completed == 0
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["httpcore", "fast"])
-def test_both_upstream_transports_escalate_and_stream(stubs, servers, fast):
+def test_error_then_timeout_escalate_through_three_tiers_and_stream(stubs, servers):
     stubs["small"][0].mode = "fail"
     stubs["medium"][0].mode, stubs["medium"][0].delay = "slow", 3.0
     cfg = make_config(stubs, tiers=("small", "medium", "large"), thresholds=[2.0, 3.0])
     cfg["tiers"][1]["readTimeoutSeconds"] = 0.3
-    url = serve_router(servers, cfg, fast_transport=fast)
+    url = serve_router(servers, cfg)
     c = client(url)
     headers, resp = chat(c, EASY)
     assert headers["x-terrace-escalated"] == "error,timeout"
@@ -631,6 +722,119 @@ def test_both_upstream_transports_escalate_and_stream(stubs, servers, fast):
         )
     )
     assert text == "answer from large"
+
+
+@pytest.mark.parametrize("breaks", ["close", "stall"])
+def test_upstream_breaking_mid_stream_ends_the_stream_in_band(stubs, servers, breaks):
+    first = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "small"}
+    first["choices"] = [{"index": 0, "delta": {"content": "partial"}, "finish_reason": None}]
+    event = f"data: {json.dumps(first)}\n\n".encode()
+
+    def handler(conn: socket.socket, n: int) -> None:
+        read_request(conn)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + f"{len(event):x}\r\n".encode() + event + b"\r\n"
+        )
+        if breaks == "stall":
+            time.sleep(3)  # past the tier's read timeout: each chunk wait is bounded
+        # then the connection closes without the terminating chunk
+
+    raw = RawTier(handler).start()
+    servers.append(raw)
+    cfg = make_config(stubs)
+    cfg["tiers"][0]["endpoints"] = [raw.url]
+    cfg["tiers"][0]["readTimeoutSeconds"] = 0.5
+    url = serve_router(servers, cfg)
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {KEY}"},
+        json={"model": "small", "stream": True, "messages": [{"role": "user", "content": EASY}]},
+        timeout=30,
+    ) as r:
+        assert r.status_code == 200 and r.headers["x-terrace-tier"] == "small"
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[0] == event.decode().strip()
+    assert json.loads(lines[1][6:])["error"]["type"] == "server_error"
+    assert lines[-1] == "data: [DONE]"
+    assert not any(samples(url, "terrace_router_inflight").values())
+
+
+# -- upstream wire behaviour ------------------------------------------------------
+
+
+def test_stale_keepalive_connection_is_retried_once_on_a_fresh_one(stubs, servers):
+    def handler(conn: socket.socket, n: int) -> None:
+        # Answers the first request of each connection; on the second it
+        # closes without a byte, like a server whose idle timeout just fired.
+        read_request(conn)
+        conn.sendall(chat_answer(f"answer {n}"))
+        read_request(conn)
+
+    raw = RawTier(handler).start()
+    servers.append(raw)
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["endpoints"] = [raw.url]
+    url = serve_router(servers, cfg)
+    c = client(url)
+    answers = [chat(c, EASY) for _ in range(2)]
+    assert [resp.choices[0].message.content for _, resp in answers] == ["answer 1", "answer 2"]
+    assert all(h["x-terrace-tier"] == "small" for h, _ in answers)
+    assert not any("x-terrace-escalated" in h for h, _ in answers)
+    assert raw.connections == 2
+    assert stubs["large"][0].requests == []
+
+
+def test_refused_endpoint_moves_to_the_tiers_next_endpoint(stubs, servers):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["endpoints"] = [refused, stubs["small"][1]]
+    url = serve_router(servers, cfg)
+    c = client(url)
+    for _ in range(2):  # the rotation starts at each endpoint once
+        headers, resp = chat(c, EASY)
+        assert headers["x-terrace-tier"] == "small" and "x-terrace-escalated" not in headers
+        assert resp.choices[0].message.content == "answer from small"
+
+
+@pytest.mark.parametrize("answer", ["garbage", "truncated", "silent-close"])
+def test_malformed_upstream_answers_are_errors_in_the_protocols_shape(stubs, servers, answer):
+    def handler(conn: socket.socket, n: int) -> None:
+        while read_request(conn) is not None:
+            if answer == "garbage":
+                conn.sendall(b"SMTP ready\r\n\r\n")
+            elif answer == "truncated":
+                conn.sendall(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"only": ')
+            return  # and close
+
+    raw = RawTier(handler).start()
+    servers.append(raw)
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["endpoints"] = [raw.url]
+    cfg["tiers"].append({"name": "tensor", "endpoints": [raw.url], "protocol": "v2"})
+    url = serve_router(servers, cfg)
+    c = client(url)
+    # Escalated past like a 500...
+    headers, resp = chat(c, EASY)
+    assert headers["x-terrace-tier"] == "large" and headers["x-terrace-escalated"] == "error"
+    assert resp.choices[0].message.content == "answer from large"
+    # ...and with nowhere to go, a clean OpenAI error (no traceback, nothing upstream leaks).
+    with pytest.raises(openai.InternalServerError) as exc:
+        chat(c, EASY, model="small")
+    assert exc.value.status_code == 503
+    assert exc.value.body["code"] == "service_unavailable"
+    assert set(exc.value.response.json()["error"]) == {"message", "type", "param", "code"}
+    # OIP v2 answers a bad gateway in its own `{"error": ...}` shape.
+    r = httpx.post(
+        url + "/v2/models/tensor/infer",
+        headers={"authorization": f"Bearer {KEY}"},
+        json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+    )
+    assert r.status_code == 502 and set(r.json()) == {"error"}
+    assert "Traceback" not in r.text and "SMTP" not in r.text
 
 
 # -- cache --------------------------------------------------------------------
