@@ -131,6 +131,22 @@ def make_pki(pki: Path) -> None:
     _openssl("rsa", "-in", f"{pki}/sa.key", "-pubout", "-out", f"{pki}/sa.pub")
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), if alive."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie has exited
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        except ChildProcessError:
+            pass
+        return None
+    return fields[19]
+
+
 def kubeconfig_yaml(server: str, ca_file: Path, user: dict) -> str:
     ca = base64.b64encode(ca_file.read_bytes()).decode()
     doc = {
@@ -199,22 +215,21 @@ class Cluster:
 
     # -- processes ---------------------------------------------------------
     def _pid(self, name: str) -> int | None:
-        """PID of our own `name` process if it is alive; never a recycled PID."""
+        """PID of our own `name` process if it is alive; never a recycled PID.
+
+        The pidfile holds the PID and the process's start time (from
+        /proc/PID/stat); a PID whose start time differs belongs to someone else.
+        """
         try:
-            pid = int(self._pidfile(name).read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            pid_s, started = self._pidfile(name).read_text().split()
+            pid = int(pid_s)
         except (OSError, ValueError):
             return None
-        # Every command we start names a file in our state dir.
-        return pid if str(self.dir) in cmdline else None
+        return pid if _start_time(pid) == started else None
 
     def _exited(self, name: str) -> bool:
         """True when `name` was started and its process is gone."""
-        try:
-            pid = int(self._pidfile(name).read_text())
-        except (OSError, ValueError):
-            return False
-        return not self._alive(pid)
+        return self._pidfile(name).exists() and self._pid(name) is None
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
@@ -223,7 +238,7 @@ class Cluster:
             start_new_session=True, cwd=self.dir,
         )
         log.close()
-        self._pidfile(name).write_text(str(proc.pid))
+        self._pidfile(name).write_text(f"{proc.pid} {_start_time(proc.pid)}")
 
     def _stop(self, name: str, timeout: float = 10.0) -> None:
         pid = self._pid(name)

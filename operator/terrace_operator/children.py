@@ -1,0 +1,546 @@
+"""Desired children of a ModelTier or TierRouter, as plain dicts.
+
+Pure functions from the typed spec (api.py) and the operator settings to the
+Deployment, Service, PodDisruptionBudget and ConfigMap the operator applies
+with server-side apply. Nothing here talks to Kubernetes; controller.py
+compares these with what is there and converges.
+
+Naming: a tier's Deployment, Service and PodDisruptionBudget are named after
+the ModelTier; a router's Deployment and Service after the TierRouter, its
+ConfigMap `<name>-routing`. The CRDs restrict both names to DNS-1035 labels
+so they are always valid Service names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from terrace_router.config import (
+    AuthConfig,
+    CacheConfig,
+    CalibrationConfig,
+    ClassifierConfig,
+    EscalationConfig,
+    RouterConfig,
+    TierConfig,
+)
+
+from .api import API_VERSION, GROUP, ModelTierSpec, TierRouterSpec
+from .settings import OperatorSettings
+
+MANAGER = "terrace-operator"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_TIER = f"{GROUP}/modeltier"
+LABEL_ROUTER = f"{GROUP}/tierrouter"
+HASH_ANNOTATION = f"{GROUP}/desired-hash"
+
+# Every tier Service listens here, whatever port the model server uses.
+TIER_SERVICE_PORT = 8080
+RUNTIME_PORT_NAME = "http"
+ROUTER_CONTAINER_PORT = 8080
+MODELS_MOUNT = "/mnt/models"
+ROUTER_CONFIG_DIR = "/etc/terrace"
+ROUTER_CONFIG_FILE = f"{ROUTER_CONFIG_DIR}/router.yaml"
+ROUTER_CONFIG_KEY = "router.yaml"
+ROUTER_AUTH_DIR = "/etc/terrace-auth"
+ROUTER_AUTH_FILE = f"{ROUTER_AUTH_DIR}/api-keys"
+ROUTER_CLASSIFIER_DIR = "/etc/terrace-classifier"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The custom resource whose children are being built."""
+
+    kind: str  # ModelTier | TierRouter
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 0
+
+    @classmethod
+    def from_body(cls, body: dict) -> Owner:
+        meta = body["metadata"]
+        return cls(
+            kind=body["kind"],
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=int(meta.get("generation") or 0),
+        )
+
+    def reference(self) -> dict:
+        # controller=true marks the one owner that manages the child;
+        # blockOwnerDeletion lets foreground deletion wait for children.
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def is_controlled_by(child: dict, owner_uid: str) -> bool:
+    """Whether `child` names the owner with this uid as its controller."""
+    return any(
+        ref.get("controller") and ref.get("uid") == owner_uid
+        for ref in child.get("metadata", {}).get("ownerReferences") or []
+    )
+
+
+def controller_of(child: dict) -> tuple[str, str] | None:
+    """(kind, name) of the Terrace resource controlling `child`, if any."""
+    for ref in child.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller") and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
+            return ref.get("kind"), ref.get("name")
+    return None
+
+
+def desired_hash(obj: dict) -> str:
+    """A stable digest of a desired object, stored on it to spot spec changes."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finish(obj: dict) -> dict:
+    """Stamp the digest of everything else onto the object's annotations."""
+    digest = desired_hash(obj)
+    obj["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = digest
+    return obj
+
+
+def _quantities(values: dict | None) -> dict[str, str]:
+    # Quantities may be integers in the CR (x-kubernetes-int-or-string); pods want strings.
+    return {k: str(v) for k, v in (values or {}).items()}
+
+
+def endpoint(name: str, namespace: str, port: int) -> str:
+    return f"http://{name}.{namespace}.svc:{port}"
+
+
+# ----------------------------------------------------------------- ModelTier
+
+
+def tier_labels(name: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "terrace-runtime",
+        LABEL_INSTANCE: name,
+        LABEL_COMPONENT: "model-tier",
+        LABEL_PART_OF: "terrace",
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_TIER: name,
+    }
+
+
+def tier_selector(name: str) -> dict[str, str]:
+    # Immutable once the Deployment exists: never change these keys.
+    return {LABEL_NAME: "terrace-runtime", LABEL_TIER: name}
+
+
+def selector_string(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def tier_endpoint(name: str, namespace: str) -> str:
+    return endpoint(name, namespace, TIER_SERVICE_PORT)
+
+
+def _meta(owner: Owner, name: str, labels: dict[str, str]) -> dict:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": dict(labels),
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def model_location(uri: str) -> tuple[str, dict | None]:
+    """The URI the runtime reads, and the claim to mount for pvc:// URIs.
+
+    pvc://CLAIM/PATH mounts the claim read-only at /mnt/models (as KServe
+    does) and hands the runtime file:///mnt/models/PATH.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "pvc":
+        return uri, None
+    path = parsed.path.lstrip("/")
+    local = f"file://{MODELS_MOUNT}/{path}" if path else f"file://{MODELS_MOUNT}"
+    return local, {"claimName": parsed.netloc, "readOnly": True}
+
+
+def _tolerations(items: list[dict]) -> list[dict]:
+    return [{k: v for k, v in t.items() if v is not None} for t in items]
+
+
+def runtime_deployment(owner: Owner, spec: ModelTierSpec, settings: OperatorSettings) -> dict:
+    """The tier's Deployment, without spec.replicas (the caller decides it)."""
+    name = owner.name
+    model = spec.model
+    port = model.port
+    volumes: list[dict] = []
+    mounts: list[dict] = []
+    probe_port: int | str = RUNTIME_PORT_NAME
+
+    if model.format == "external":
+        container: dict = {"name": "model", "image": model.image}
+        if model.args:
+            container["args"] = list(model.args)
+        if model.health_path:
+            ready_action = live_action = {
+                "httpGet": {"path": model.health_path, "port": probe_port}
+            }
+        else:
+            ready_action = live_action = {"tcpSocket": {"port": probe_port}}
+    else:
+        uri, claim = model_location(model.uri or "")
+        if claim is not None:
+            volumes.append({"name": "model-store", "persistentVolumeClaim": claim})
+            mounts.append({"name": "model-store", "mountPath": MODELS_MOUNT, "readOnly": True})
+        container = {
+            "name": "model",
+            "image": model.image or settings.runtime_image,
+            "command": ["terrace-runtime"],
+            "args": [
+                "serve",
+                "--model",
+                uri,
+                "--format",
+                model.format,
+                "--device",
+                "cuda" if spec.device == "gpu" else "cpu",
+                "--port",
+                str(port),
+                "--name",
+                name,
+            ],
+        }
+        ready_action = {"httpGet": {"path": "/v2/health/ready", "port": probe_port}}
+        live_action = {"httpGet": {"path": "/v2/health/live", "port": probe_port}}
+
+    container["imagePullPolicy"] = settings.image_pull_policy
+    container["ports"] = [{"name": RUNTIME_PORT_NAME, "containerPort": port, "protocol": "TCP"}]
+    if spec.env:
+        container["env"] = [e.dump() for e in spec.env]
+    resources: dict = {}
+    if spec.resources and spec.resources.requests:
+        resources["requests"] = _quantities(spec.resources.requests)
+    limits = _quantities(spec.resources.limits if spec.resources else None)
+    if spec.device == "gpu":
+        limits[settings.gpu_resource_name] = str(spec.gpus or 1)
+    if limits:
+        resources["limits"] = limits
+    if resources:
+        container["resources"] = resources
+    container["readinessProbe"] = {
+        **ready_action,
+        "periodSeconds": 5,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
+    }
+    container["livenessProbe"] = {
+        **live_action,
+        "periodSeconds": 10,
+        "timeoutSeconds": 2,
+        "failureThreshold": 6,
+    }
+    # Large models take minutes to load: liveness starts only once this passes.
+    container["startupProbe"] = {
+        **live_action,
+        "periodSeconds": 5,
+        "timeoutSeconds": 2,
+        "failureThreshold": 120,
+    }
+    container["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    if mounts:
+        container["volumeMounts"] = mounts
+
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict] = []
+    if spec.device == "gpu":
+        node_selector.update(settings.gpu_node_selector)
+        tolerations.extend(_tolerations(settings.gpu_tolerations))
+    node_selector.update(spec.node_selector or {})
+    tolerations.extend(t.dump() for t in spec.tolerations or [])
+
+    pod_spec: dict = {
+        "containers": [container],
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if volumes:
+        pod_spec["volumes"] = volumes
+
+    labels = tier_labels(name)
+    return _finish(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(owner, name, labels),
+            "spec": {
+                "selector": {"matchLabels": tier_selector(name)},
+                "revisionHistoryLimit": 3,
+                "template": {
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(port),
+                            "prometheus.io/path": "/metrics",
+                        },
+                    },
+                    "spec": pod_spec,
+                },
+            },
+        }
+    )
+
+
+def tier_service(owner: Owner, spec: ModelTierSpec) -> dict:
+    name = owner.name
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(owner, name, tier_labels(name)),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": tier_selector(name),
+                "ports": [
+                    {
+                        "name": "http",
+                        "port": TIER_SERVICE_PORT,
+                        "targetPort": RUNTIME_PORT_NAME,
+                        "protocol": "TCP",
+                    }
+                ],
+            },
+        }
+    )
+
+
+def tier_pdb(owner: Owner, spec: ModelTierSpec) -> dict:
+    # maxUnavailable rather than minAvailable: a one-replica or scaled-to-zero
+    # tier never blocks a node drain forever.
+    name = owner.name
+    return _finish(
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _meta(owner, name, tier_labels(name)),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": tier_selector(name)}},
+        }
+    )
+
+
+# ---------------------------------------------------------------- TierRouter
+
+
+@dataclass(frozen=True)
+class ResolvedTier:
+    """A TierRouter's tier entry joined with the ModelTier it names."""
+
+    name: str
+    namespace: str
+    spec: ModelTierSpec
+
+
+def router_labels(name: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "terrace-router",
+        LABEL_INSTANCE: name,
+        LABEL_COMPONENT: "router",
+        LABEL_PART_OF: "terrace",
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_ROUTER: name,
+    }
+
+
+def router_selector(name: str) -> dict[str, str]:
+    return {LABEL_NAME: "terrace-router", LABEL_ROUTER: name}
+
+
+def router_configmap_name(name: str) -> str:
+    return f"{name}-routing"
+
+
+def render_router_config(spec: TierRouterSpec, tiers: list[ResolvedTier]) -> RouterConfig:
+    """The routing table for the router, in terrace_router.config's own model.
+
+    `tiers` are the resolved ModelTiers in the TierRouter's order; entries
+    whose ModelTier is missing are left out by the caller.
+    """
+    refs = {t.name: t for t in spec.tiers}
+    rendered = []
+    for tier in tiers:
+        ref = refs[tier.name]
+        rendered.append(
+            TierConfig(
+                name=tier.name,
+                endpoints=[tier_endpoint(tier.name, tier.namespace)],
+                protocol="v2" if tier.spec.model.task == "tensor" else "openai",
+                upstream_model=ref.upstream_model or tier.spec.model.served_model_name,
+                max_inflight_per_endpoint=ref.max_inflight_per_endpoint,
+                read_timeout_seconds=float(ref.timeout_seconds),
+            )
+        )
+    c = spec.classifier
+    return RouterConfig(
+        tiers=rendered,
+        classifier=ClassifierConfig(model=ROUTER_CLASSIFIER_DIR if c.config_map_name else c.model),
+        calibration=CalibrationConfig(
+            target_large_share=c.target_large_share_percent / 100,
+            window=c.calibration_window,
+        ),
+        escalation=EscalationConfig(
+            on_low_confidence=spec.escalation.on_low_confidence,
+            on_error=spec.escalation.on_error,
+            on_overload=spec.escalation.on_overload,
+            max_attempts=spec.escalation.max_attempts,
+        ),
+        cache=CacheConfig(
+            enabled=spec.cache.enabled,
+            ttl_seconds=spec.cache.ttl_seconds,
+            max_entries=spec.cache.max_entries,
+        ),
+        auth=AuthConfig(api_keys_file=ROUTER_AUTH_FILE if spec.auth else None),
+    )
+
+
+def router_configmap(owner: Owner, config: RouterConfig) -> dict:
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(owner, router_configmap_name(owner.name), router_labels(owner.name)),
+            "data": {ROUTER_CONFIG_KEY: config.dump()},
+        }
+    )
+
+
+def router_deployment(owner: Owner, spec: TierRouterSpec, settings: OperatorSettings) -> dict:
+    name = owner.name
+    # The whole ConfigMap is mounted as a directory (no subPath) so the
+    # kubelet swaps in new routing tables and the router hot-reloads them;
+    # the pod template carries no config hash, so a table change restarts nothing.
+    volumes: list[dict] = [{"name": "routing", "configMap": {"name": router_configmap_name(name)}}]
+    mounts: list[dict] = [{"name": "routing", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True}]
+    if spec.auth:
+        ref = spec.auth.api_key_secret_ref
+        volumes.append(
+            {
+                "name": "api-keys",
+                "secret": {
+                    "secretName": ref.name,
+                    "items": [{"key": ref.key, "path": "api-keys"}],
+                },
+            }
+        )
+        mounts.append({"name": "api-keys", "mountPath": ROUTER_AUTH_DIR, "readOnly": True})
+    if spec.classifier.config_map_name:
+        volumes.append(
+            {"name": "classifier", "configMap": {"name": spec.classifier.config_map_name}}
+        )
+        mounts.append({"name": "classifier", "mountPath": ROUTER_CLASSIFIER_DIR, "readOnly": True})
+
+    container: dict = {
+        "name": "router",
+        "image": settings.router_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["terrace-router"],
+        "args": ["serve", "--config", ROUTER_CONFIG_FILE, "--port", str(ROUTER_CONTAINER_PORT)],
+        "ports": [{"name": "http", "containerPort": ROUTER_CONTAINER_PORT, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 6,
+        },
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    resources: dict = {}
+    if spec.resources and spec.resources.requests:
+        resources["requests"] = _quantities(spec.resources.requests)
+    if spec.resources and spec.resources.limits:
+        resources["limits"] = _quantities(spec.resources.limits)
+    if resources:
+        container["resources"] = resources
+
+    labels = router_labels(name)
+    return _finish(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(owner, name, labels),
+            "spec": {
+                # The router is not autoscaled, so the operator owns its replicas.
+                "replicas": spec.replicas,
+                "selector": {"matchLabels": router_selector(name)},
+                "revisionHistoryLimit": 3,
+                "template": {
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(ROUTER_CONTAINER_PORT),
+                            "prometheus.io/path": "/metrics",
+                        },
+                    },
+                    "spec": {
+                        "containers": [container],
+                        "volumes": volumes,
+                        "enableServiceLinks": False,
+                        "automountServiceAccountToken": False,
+                    },
+                },
+            },
+        }
+    )
+
+
+def router_service(owner: Owner, spec: TierRouterSpec) -> dict:
+    name = owner.name
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(owner, name, router_labels(name)),
+            "spec": {
+                "type": spec.service.type,
+                "selector": router_selector(name),
+                "ports": [
+                    {
+                        "name": "http",
+                        "port": spec.service.port,
+                        "targetPort": "http",
+                        "protocol": "TCP",
+                    }
+                ],
+            },
+        }
+    )
+
+
+def router_endpoint(owner: Owner, spec: TierRouterSpec) -> str:
+    return endpoint(owner.name, owner.namespace, spec.service.port)

@@ -1,0 +1,341 @@
+"""Text generation with continuous batching of decode steps.
+
+The text models Terrace builds are byte-level and KV-cache free: one forward
+pass takes `input_ids` and `attention_mask` of shape [batch, time] (left
+padded) and returns next-token `logits` [batch, vocab]. That makes batching
+simple and real: every step, all running sequences (up to `max_batch_size`)
+are padded to the longest of them (capped at the model's context window) and
+run as one batch; new requests join at the next step and finished ones leave
+(continuous batching). Steps run on the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .batching import BatcherClosed, QueueFull, RunFn, retry_after_seconds
+from .metrics import RuntimeMetrics
+
+
+@dataclass(frozen=True)
+class ByteTokenizer:
+    """Token i < 256 is byte i; three special tokens follow."""
+
+    pad_id: int = 256
+    bos_id: int = 257
+    eos_id: int = 258
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> ByteTokenizer:
+        kind = meta.get("type")
+        if kind != "byte":
+            raise ValueError(f"unsupported tokenizer type {kind!r} (terrace-runtime knows 'byte')")
+        return cls(int(meta["pad_id"]), int(meta["bos_id"]), int(meta["eos_id"]))
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {"type": "byte", "pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.pad_id, self.bos_id, self.eos_id) + 1
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return (self.pad_id, self.bos_id, self.eos_id)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_id, *text.encode("utf-8")]
+
+    def token_text(self, token_id: int) -> str:
+        """How OpenAI shows a token: its text, or `bytes:\\xNN` for a byte that is
+        not a character on its own."""
+        if token_id < 0x80:
+            return chr(token_id)
+        if token_id < 0x100:
+            return f"bytes:\\x{token_id:02x}"
+        return {self.eos_id: "<|endoftext|>", self.bos_id: "<|bos|>"}.get(token_id, "<|pad|>")
+
+    @staticmethod
+    def token_bytes(token_id: int) -> list[int]:
+        return [token_id] if token_id < 0x100 else []
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[bytes, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's plus k alternatives
+    seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    joules: float
+
+
+@dataclass(eq=False)
+class Sequence_:
+    prompt: list[int]  # only the last context-window tokens: all the model ever sees
+    prompt_tokens: int
+    params: SamplingParams
+    events: asyncio.Queue[TokenEvent | FinishEvent | BaseException]
+    rng: np.random.Generator
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenEvent] = field(default_factory=list)
+    released: int = 0  # tokens handed to the client (the rest may still become a stop string)
+    joules: float = 0.0
+    cancelled: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def choose_token(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0, else sample from the tempered, top-p-truncated distribution."""
+    if params.temperature <= 0:
+        return int(np.argmax(logprobs))
+    scaled = logprobs / params.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs)
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+def find_stop(generated: bytes, stops: Sequence[bytes]) -> int | None:
+    """Index where the earliest stop string starts, if any is complete."""
+    hits = [i for s in stops if (i := generated.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def safe_release(generated_len: int, stops: Sequence[bytes]) -> int:
+    """How many generated tokens can be shown while a stop string may still be
+    forming at the end (tokens are bytes, so byte counts are token counts)."""
+    if not stops:
+        return generated_len
+    return max(0, generated_len - (max(len(s) for s in stops) - 1))
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        tokenizer: ByteTokenizer,
+        context_length: int,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        executor: Executor,
+        metrics: RuntimeMetrics,
+    ) -> None:
+        self._run = run
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._executor = executor
+        self._metrics = metrics
+        self._waiting: deque[Sequence_] = deque()
+        self._active: list[Sequence_] = []
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._step_seconds = 0.01
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="generation")
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for seq in [*self._waiting, *self._active]:
+            seq.events.put_nowait(BatcherClosed("the runtime is shutting down"))
+        self._waiting.clear()
+        self._active.clear()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Sequence_:
+        if self._closed:
+            raise BatcherClosed("the runtime is shutting down")
+        if len(self._waiting) >= self.max_queue:
+            # Draining the queue takes roughly one full generation per batch slot.
+            raise QueueFull(
+                retry_after_seconds(
+                    len(self._waiting), self.max_batch_size, self._step_seconds * params.max_tokens
+                )
+            )
+        seq = Sequence_(
+            prompt=prompt[-self.context_length :],
+            prompt_tokens=len(prompt),
+            params=params,
+            events=asyncio.Queue(),
+            rng=np.random.default_rng(params.seed),
+        )
+        self._waiting.append(seq)
+        self._arrived.set()
+        return seq
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    def cancel(self, seq: Sequence_) -> None:
+        seq.cancelled = True
+
+    async def events(self, seq: Sequence_) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """The sequence's tokens as they become final, then one FinishEvent."""
+        try:
+            while True:
+                event = await seq.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, FinishEvent):
+                    return
+        finally:
+            self.cancel(seq)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._active:
+                while not self._waiting:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                if self.max_wait_s > 0:
+                    deadline = self._waiting[0].enqueued + self.max_wait_s
+                    while len(self._waiting) < self.max_batch_size:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._arrived.clear()
+                        try:
+                            await asyncio.wait_for(self._arrived.wait(), remaining)
+                        except TimeoutError:
+                            break
+            self._admit()
+            self._active = [s for s in self._active if not s.cancelled]
+            if not self._active:
+                continue
+            batch = list(self._active)
+            try:
+                steps, joules = await loop.run_in_executor(self._executor, self._step, batch)
+            except Exception as exc:  # the model failed: fail this batch, keep serving
+                self._metrics.error("inference")
+                for seq in batch:
+                    seq.events.put_nowait(exc)
+                self._active = [s for s in self._active if s not in batch]
+                continue
+            share = joules / len(batch)
+            for seq, event in zip(batch, steps, strict=True):
+                seq.joules += share
+                self._advance(seq, event)
+            self._active = [s for s in self._active if not s.cancelled]
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while self._waiting and len(self._active) < self.max_batch_size:
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                continue
+            self._metrics.child(self._metrics.queue_wait).observe(now - seq.enqueued)
+            self._metrics.child(self._metrics.prompt_tokens).inc(seq.prompt_tokens)
+            self._active.append(seq)
+
+    def _advance(self, seq: Sequence_, event: TokenEvent) -> None:
+        """Apply one sampled token; release what is final; finish when done."""
+        if seq.cancelled:
+            return
+        self._metrics.child(self._metrics.tokens_generated).inc()
+        params = seq.params
+        finish: str | None = None
+        if event.token_id == self.tokenizer.eos_id:
+            finish = "stop"
+        else:
+            seq.generated.append(event.token_id)
+            seq.logprobs.append(event)
+            stop_at = find_stop(bytes(seq.generated), params.stop) if params.stop else None
+            if stop_at is not None:
+                del seq.generated[stop_at:]
+                del seq.logprobs[stop_at:]
+                finish = "stop"
+            elif len(seq.generated) >= params.max_tokens:
+                finish = "length"
+        release_to = len(seq.generated) if finish else safe_release(len(seq.generated), params.stop)
+        for tok in seq.logprobs[seq.released : release_to]:
+            seq.events.put_nowait(tok)
+        seq.released = max(seq.released, release_to)
+        if finish:
+            seq.events.put_nowait(
+                FinishEvent(finish, seq.prompt_tokens, len(seq.generated), seq.joules)
+            )
+            self._metrics.observe_request_energy(seq.joules)
+            seq.cancelled = True  # leaves the active set
+
+    # --- worker thread -------------------------------------------------
+
+    def _step(self, batch: list[Sequence_]) -> tuple[list[TokenEvent], float]:
+        window = self.context_length
+        contexts = [(s.prompt + s.generated)[-window:] for s in batch]
+        width = max(len(c) for c in contexts)
+        ids = np.full((len(batch), width), self.tokenizer.pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, ctx in enumerate(contexts):
+            ids[row, width - len(ctx) :] = ctx  # left padding: the last column is "now"
+            mask[row, width - len(ctx) :] = 1
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        logits = self._run({"input_ids": ids, "attention_mask": mask}, ["logits"])["logits"]
+        logits = logits.astype(np.float64)
+        # Padding and BOS are never generated: renormalise over the rest.
+        logits[:, [self.tokenizer.pad_id, self.tokenizer.bos_id]] = -np.inf
+        logprobs = log_softmax(logits)
+        events = []
+        for row, seq in enumerate(batch):
+            row_logprobs = logprobs[row]
+            if seq.params.ignore_eos:
+                row_logprobs = row_logprobs.copy()
+                row_logprobs[self.tokenizer.eos_id] = -np.inf
+            token = choose_token(row_logprobs, seq.params, seq.rng)
+            top: tuple[tuple[int, float], ...] = ()
+            k = seq.params.logprobs
+            if k:
+                best = np.argpartition(-logprobs[row], k)[:k]
+                best = best[np.argsort(-logprobs[row][best])]
+                top = tuple((int(t), float(logprobs[row][t])) for t in best)
+            events.append(TokenEvent(token, float(logprobs[row][token]), top))
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        self._step_seconds = 0.8 * self._step_seconds + 0.2 * wall
+        joules = self._metrics.observe_batch(len(batch), wall, cpu)
+        return events, joules

@@ -1,0 +1,641 @@
+"""OpenAI-compatible text generation: /v1/completions, /v1/chat/completions
+(streaming as server-sent events ending `data: [DONE]`), /v1/models.
+
+Logprobs are the model's own distribution (before temperature and top-p), so
+the router can judge how sure the cheap tier was. Errors use OpenAI's
+envelope `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from .batching import BatcherClosed, QueueFull
+from .generation import (
+    ByteTokenizer,
+    FinishEvent,
+    GenerationEngine,
+    SamplingParams,
+    Sequence_,
+    TokenEvent,
+)
+from .http import BadBody, dumps, instrumented, json_body, json_response, state_of
+from .state import RuntimeState
+
+# --- requests -----------------------------------------------------------
+
+
+class _Request(BaseModel):
+    # Clients send many fields we do not use (user, presence_penalty, ...): ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension, for benchmarks: run to max_tokens
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return v
+
+    def stop_bytes(self) -> tuple[bytes, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s.encode("utf-8") for s in stops)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content part type {part.type!r} is not supported (text only)")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+CHAT_DEFAULT_MAX_TOKENS = 256
+
+
+def render_chat(messages: list[Message]) -> str:
+    """The byte models know no chat template; a plain transcript ending in the
+    assistant's turn is what they continue."""
+    return "".join(f"{m.role}: {m.text()}\n" for m in messages) + "assistant:"
+
+
+# --- errors -------------------------------------------------------------
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+        self.kind, self.headers = kind, headers
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _from_validation(exc: ValidationError) -> APIError:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+
+
+def _error_response(state: RuntimeState, err: APIError) -> Response:
+    state.metrics.error(err.kind)
+    return json_response(err.body(), err.status, err.headers)
+
+
+# --- generation plumbing ------------------------------------------------
+
+
+@dataclass
+class _Choice:
+    """One generated sequence's text decoding and logprob bookkeeping."""
+
+    index: int
+    seq: Sequence_
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    text: str = ""
+    tokens: list[TokenEvent] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    finish: FinishEvent | None = None
+
+    def add(self, event: TokenEvent) -> str:
+        self.offsets.append(len(self.text))
+        self.tokens.append(event)
+        delta = self.decoder.decode(bytes(ByteTokenizer.token_bytes(event.token_id)))
+        self.text += delta
+        return delta
+
+    def close(self, event: FinishEvent) -> str:
+        self.finish = event
+        delta = self.decoder.decode(b"", final=True)
+        self.text += delta
+        return delta
+
+
+def _check_model(state: RuntimeState, model: str) -> GenerationEngine:
+    if model != state.name:
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist.",
+            param="model",
+            code="model_not_found",
+            kind="not_found",
+        )
+    if not state.ready:
+        raise APIError(
+            503,
+            f"model {state.name!r} is not ready: {state.reason}",
+            type_="server_error",
+            code="model_not_ready",
+            kind="not_ready",
+        )
+    if state.engine is None:
+        raise APIError(
+            400,
+            f"model {state.name!r} is a tensor model; use POST /v2/models/{state.name}/infer",
+            param="model",
+            code="unsupported_task",
+        )
+    return state.engine
+
+
+def _submit(
+    engine: GenerationEngine, prompts: list[list[int]], n: int, params: SamplingParams
+) -> list[_Choice]:
+    choices: list[_Choice] = []
+    try:
+        for prompt in prompts:
+            for _ in range(n):
+                seq = engine.submit(prompt, params)
+                choices.append(_Choice(len(choices), seq))
+    except QueueFull as exc:
+        for c in choices:  # all or nothing
+            engine.cancel(c.seq)
+        raise APIError(
+            429,
+            str(exc),
+            type_="rate_limit_error",
+            code="queue_full",
+            kind="queue_full",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except BatcherClosed as exc:
+        raise APIError(503, str(exc), type_="server_error", kind="not_ready") from None
+    return choices
+
+
+async def _merged(
+    engine: GenerationEngine, choices: list[_Choice]
+) -> AsyncIterator[tuple[_Choice, TokenEvent | FinishEvent]]:
+    """Events of all choices as they come; cancels the rest if the consumer stops."""
+    queue: asyncio.Queue[tuple[_Choice, Any]] = asyncio.Queue()
+
+    async def pump(choice: _Choice) -> None:
+        try:
+            async for event in engine.events(choice.seq):
+                queue.put_nowait((choice, event))
+        except Exception as exc:
+            queue.put_nowait((choice, exc))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    remaining = len(choices)
+    try:
+        while remaining:
+            choice, event = await queue.get()
+            if isinstance(event, Exception):
+                raise event
+            if isinstance(event, FinishEvent):
+                remaining -= 1
+            yield choice, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        for c in choices:
+            engine.cancel(c.seq)
+
+
+def _usage(choices: list[_Choice], prompts: int, n: int) -> dict[str, int]:
+    # Each prompt counts once, however many completions it has.
+    prompt_tokens = sum(c.finish.prompt_tokens for c in choices[::n] if c.finish) if prompts else 0
+    completion = sum(c.finish.completion_tokens for c in choices if c.finish)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def _sse(data: Any) -> str:
+    return f"data: {dumps(data).decode()}\n\n"
+
+
+def _stream_error(err: Exception) -> str:
+    message = str(err) or type(err).__name__
+    return _sse(
+        {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    )
+
+
+# --- logprob formats ------------------------------------------------------
+
+
+def completion_logprobs(
+    tok: ByteTokenizer, events: list[TokenEvent], offsets: list[int]
+) -> dict[str, Any]:
+    return {
+        "tokens": [tok.token_text(e.token_id) for e in events],
+        "token_logprobs": [e.logprob for e in events],
+        "top_logprobs": [{tok.token_text(t): lp for t, lp in e.top} for e in events],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tok: ByteTokenizer, events: list[TokenEvent]) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        return {
+            "token": tok.token_text(token_id),
+            "logprob": logprob,
+            "bytes": ByteTokenizer.token_bytes(token_id),
+        }
+
+    return {
+        "content": [
+            {**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
+            for e in events
+        ],
+        "refusal": None,
+    }
+
+
+# --- handlers -------------------------------------------------------------
+
+
+async def _parse(request: Request, model_cls: type[BaseModel]) -> Any:
+    try:
+        return model_cls.model_validate(await json_body(request))
+    except BadBody as exc:
+        raise APIError(400, str(exc)) from None
+    except ValidationError as exc:
+        raise _from_validation(exc) from None
+
+
+def _prompts(
+    req: CompletionRequest, tok: ByteTokenizer
+) -> tuple[list[str | None], list[list[int]]]:
+    p: Any = req.prompt
+    if isinstance(p, str):
+        texts: list[str | None] = [p]
+    elif p and all(isinstance(x, str) for x in p):
+        texts = list(p)
+    elif p and all(isinstance(x, int) for x in p):
+        return [None], [[tok.bos_id, *_ids(p, tok)]]
+    elif p and all(isinstance(x, list) for x in p):
+        return [None] * len(p), [[tok.bos_id, *_ids(x, tok)] for x in p]
+    else:
+        raise APIError(
+            400, "prompt must be a string, a list of strings or token ids", param="prompt"
+        )
+    return texts, [tok.encode(t) for t in texts if t is not None]
+
+
+def _ids(ids: list[int], tok: ByteTokenizer) -> list[int]:
+    if any(not 0 <= i < tok.vocab_size for i in ids):
+        raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param="prompt")
+    return ids
+
+
+def _max_tokens(state: RuntimeState, value: int | None, param: str) -> int:
+    limit = state.settings.max_tokens_limit
+    value = value if value is not None else min(CHAT_DEFAULT_MAX_TOKENS, limit)
+    if value > limit:
+        raise APIError(400, f"max_tokens must be at most {limit}", param=param)
+    return value
+
+
+async def completions(request: Request) -> Response:
+    state = state_of(request)
+    try:
+        req: CompletionRequest = await _parse(request, CompletionRequest)
+        engine = _check_model(state, req.model)
+        tok = engine.tokenizer
+        texts, prompts = _prompts(req, tok)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported", param="echo")
+        params = SamplingParams(
+            max_tokens=_max_tokens(state, req.max_tokens, "max_tokens"),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=req.stop_bytes(),
+            logprobs=req.logprobs,
+            seed=req.seed,
+            ignore_eos=req.ignore_eos,
+        )
+        choices = _submit(engine, prompts, req.n, params)
+    except APIError as err:
+        return _error_response(state, err)
+
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    echo = [(texts[c.index // req.n] or "") if req.echo else "" for c in choices]
+
+    def chunk_choice(
+        c: _Choice, text: str, events: list[TokenEvent], offsets: list[int], finish: str | None
+    ) -> dict[str, Any]:
+        lp = completion_logprobs(tok, events, offsets) if req.logprobs is not None else None
+        return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}
+
+    if req.stream:
+
+        async def stream() -> AsyncIterator[str]:
+            base = {"id": rid, "object": "text_completion", "created": created, "model": state.name}
+            try:
+                for c in choices:
+                    if echo[c.index]:
+                        yield _sse(
+                            {**base, "choices": [chunk_choice(c, echo[c.index], [], [], None)]}
+                        )
+                async for c, event in _merged(engine, choices):
+                    if isinstance(event, TokenEvent):
+                        delta = c.add(event)
+                        if delta or req.logprobs is not None:
+                            yield _sse(
+                                {
+                                    **base,
+                                    "choices": [
+                                        chunk_choice(c, delta, [event], c.offsets[-1:], None)
+                                    ],
+                                }
+                            )
+                    else:
+                        delta = c.close(event)
+                        yield _sse(
+                            {**base, "choices": [chunk_choice(c, delta, [], [], event.reason)]}
+                        )
+                if req.include_usage:
+                    yield _sse(
+                        {**base, "choices": [], "usage": _usage(choices, len(prompts), req.n)}
+                    )
+            except Exception as exc:  # mid-stream failure: say so in-band
+                state.metrics.error("inference")
+                yield _stream_error(exc)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    try:
+        async for c, event in _merged(engine, choices):
+            if isinstance(event, TokenEvent):
+                c.add(event)
+            else:
+                c.close(event)
+    except Exception as exc:
+        return _error_response(
+            state,
+            APIError(500, f"generation failed: {exc}", type_="server_error", kind="inference"),
+        )
+    return json_response(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": state.name,
+            "choices": [
+                chunk_choice(
+                    c,
+                    echo[c.index] + c.text,
+                    c.tokens,
+                    c.offsets,
+                    c.finish.reason if c.finish else None,
+                )
+                for c in choices
+            ],
+            "usage": _usage(choices, len(prompts), req.n),
+            "system_fingerprint": None,
+        }
+    )
+
+
+async def chat_completions(request: Request) -> Response:
+    state = state_of(request)
+    try:
+        req: ChatRequest = await _parse(request, ChatRequest)
+        engine = _check_model(state, req.model)
+        tok = engine.tokenizer
+        try:
+            prompt = tok.encode(render_chat(req.messages))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        top = req.top_logprobs if req.top_logprobs is not None else 0
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = SamplingParams(
+            max_tokens=_max_tokens(state, max_tokens, "max_tokens"),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=req.stop_bytes(),
+            logprobs=top if req.logprobs else None,
+            seed=req.seed,
+            ignore_eos=req.ignore_eos,
+        )
+        choices = _submit(engine, [prompt], req.n, params)
+    except APIError as err:
+        return _error_response(state, err)
+
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    if req.stream:
+
+        async def stream() -> AsyncIterator[str]:
+            base = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": state.name,
+                "system_fingerprint": None,
+            }
+            try:
+                for c in choices:
+                    yield _sse(
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": c.index,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
+                async for c, event in _merged(engine, choices):
+                    if isinstance(event, TokenEvent):
+                        delta = c.add(event)
+                        if delta or req.logprobs:
+                            yield _sse(
+                                {
+                                    **base,
+                                    "choices": [
+                                        {
+                                            "index": c.index,
+                                            "delta": {"content": delta},
+                                            "logprobs": chat_logprobs(tok, [event])
+                                            if req.logprobs
+                                            else None,
+                                            "finish_reason": None,
+                                        }
+                                    ],
+                                }
+                            )
+                    else:
+                        delta = c.close(event)
+                        yield _sse(
+                            {
+                                **base,
+                                "choices": [
+                                    {
+                                        "index": c.index,
+                                        "delta": {"content": delta} if delta else {},
+                                        "logprobs": None,
+                                        "finish_reason": event.reason,
+                                    }
+                                ],
+                            }
+                        )
+                if req.include_usage:
+                    yield _sse({**base, "choices": [], "usage": _usage(choices, 1, req.n)})
+            except Exception as exc:
+                state.metrics.error("inference")
+                yield _stream_error(exc)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    try:
+        async for c, event in _merged(engine, choices):
+            if isinstance(event, TokenEvent):
+                c.add(event)
+            else:
+                c.close(event)
+    except Exception as exc:
+        return _error_response(
+            state,
+            APIError(500, f"generation failed: {exc}", type_="server_error", kind="inference"),
+        )
+    return json_response(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": state.name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": chat_logprobs(tok, c.tokens) if req.logprobs else None,
+                    "finish_reason": c.finish.reason if c.finish else None,
+                }
+                for c in choices
+            ],
+            "usage": _usage(choices, 1, req.n),
+            "system_fingerprint": None,
+        }
+    )
+
+
+async def list_models(request: Request) -> Response:
+    state = state_of(request)
+    return json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "terrace",
+                }
+            ],
+        }
+    )
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/completions", instrumented("completions", completions), methods=["POST"]),
+        Route(
+            "/v1/chat/completions",
+            instrumented("chat_completions", chat_completions),
+            methods=["POST"],
+        ),
+    ]

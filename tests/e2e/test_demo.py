@@ -1,0 +1,111 @@
+"""End to end: helm install, kubectl apply, route with the openai client, scale, cap power, uninstall.
+
+The same flow as `make demo` (hack/demo.py), with assertions. The cluster is
+real (apiserver, controllers, kwok, Prometheus); the operator, agent (fake
+GPUs), runtimes and router run as local processes for the pods kwok fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "hack"))
+from demo import EASY, HARD, NS, SYSTEM_NS, Demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo(cluster, tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    subprocess.run(["terrace-runtime", "build-demo-models", "--out", str(models), "--preset", "tiny"], check=True,
+                   capture_output=True)
+    d = Demo(cluster, models_dir=models, tick_seconds=2)
+    try:
+        d.install()
+        d.apply_samples()
+        d.run_pods()
+        d.wait_tiers_ready()
+        yield d
+    finally:
+        d.stop()
+        cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+def test_easy_goes_to_cpu_and_hard_to_gpu(demo) -> None:
+    easy = demo.ask(EASY[:2])
+    hard = demo.ask(HARD[:2])
+    assert [r["tier"] for r in easy] == ["small-cpu", "small-cpu"], easy
+    assert all(r["tier"] == "large-gpu" for r in hard), hard
+    assert max(r["complexity"] for r in easy) < min(r["complexity"] for r in hard)
+    assert all(r["answer"] for r in easy + hard)
+
+
+def test_load_scales_up_then_down_and_moves_the_power_limit(demo) -> None:
+    def replicas(tier: str) -> int:
+        return (demo.tiers()[tier].get("status") or {}).get("replicas", 0)
+
+    def limit() -> int | None:
+        return (demo.tiers()["large-gpu"].get("status") or {}).get("powerLimitWatts")
+
+    # Idle first: the adaptive policy brings the GPU's cap down, and the agent's
+    # enforced value (read back from the fake NVML) shows in status.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (limit() or 700) < 700:
+        time.sleep(1)
+    idle_limit = limit()
+    assert idle_limit is not None and 200 <= idle_limit < 700, demo.snapshot()
+    node = json.loads(demo.cluster.kubectl("get", "node", "gpu-node", "-o", "json").stdout)
+    assert any("terrace.dev" in k for k in node["metadata"].get("annotations", {})), "agent reports on its Node"
+
+    before = {t: replicas(t) for t in ("small-cpu", "large-gpu")}
+    counts = demo.burst(seconds=40, concurrency=24)
+    assert counts.get("small-cpu", 0) > 0 and counts.get("large-gpu", 0) > 0, counts
+    assert not any(k.startswith("HTTP 5") for k in counts), counts
+    peak = {t: replicas(t) for t in before}
+    assert any(peak[t] > before[t] for t in before), (before, peak, demo.decisions)
+    loaded_limit = limit()
+    assert loaded_limit is not None and loaded_limit > idle_limit, (idle_limit, loaded_limit)
+
+    # Quiet: after the (shortened) stabilization window, back down to min.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(replicas(t) > demo.tiers()[t]["spec"]["replicas"]["min"]
+                                               for t in before):
+        time.sleep(2)
+    assert all(replicas(t) == demo.tiers()[t]["spec"]["replicas"]["min"] for t in before), demo.snapshot()
+    last = demo.tiers()["small-cpu"]["status"].get("lastScaling") or demo.tiers()["large-gpu"]["status"]["lastScaling"]
+    assert last and {"time", "from", "to", "reason"} <= set(last[-1])
+
+
+def test_energy_per_request_is_reported(demo) -> None:
+    demo.ask(EASY[:2] + HARD[:1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        energy = {n: (t.get("status") or {}).get("energyPerRequestJoules") for n, t in demo.tiers().items()}
+        if all(energy.values()):
+            break
+        time.sleep(1)
+    assert all(float(v) > 0 for v in energy.values()), energy
+
+
+def test_uninstall_cleans_up(demo) -> None:
+    demo.stop()
+    demo.helm("uninstall", "terrace", "-n", SYSTEM_NS, "--wait", "--timeout", "120s")
+    left = demo.cluster.kubectl("get", "deployments,daemonsets,serviceaccounts,clusterroles,clusterrolebindings",
+                                "-A", "-l", "app.kubernetes.io/instance=terrace", "-o", "name").stdout.split()
+    assert left == []
+    # Deleting the custom resources removes every child through owner references.
+    demo.cluster.kubectl("delete", "mtier,trouter", "--all", "-n", NS, "--wait=true", "--timeout=60s")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = demo.cluster.kubectl("get", "deployments,services,configmaps", "-n", NS, "-l",
+                                        "app.kubernetes.io/part-of=terrace", "-o", "name").stdout.split()
+        if not children:
+            break
+        time.sleep(1)
+    assert children == []

@@ -1,0 +1,227 @@
+"""Run the real terrace-operator against the dev cluster, as its ServiceAccount.
+
+Shared by tests/integration/test_operator_*.py, test_crd_*.py and
+bench/operator.py: install the CRDs and the shipped RBAC, start
+`terrace-operator` as a subprocess with a TokenRequest token of the
+`terrace-operator` ServiceAccount (never admin), poll until things converge,
+stop it by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from terrace_operator import manifests
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = ROOT / "crds"
+SAMPLES = ROOT / "crds" / "samples"
+OPERATOR_NAMESPACE = "terrace-system"
+OPERATOR_SA = "terrace-operator"
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    check: Callable[[], T], timeout: float = 60.0, interval: float = 0.25, what: str = ""
+) -> T:
+    """Poll `check` until it returns something truthy; fail with its last answer."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+        except (RuntimeError, subprocess.CalledProcessError, KeyError, IndexError, ValueError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or check}: last {last!r}"
+            )
+        time.sleep(interval)
+
+
+def kubectl_json(cluster: Any, *args: str) -> dict:
+    return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
+
+
+def get_or_none(cluster: Any, kind: str, name: str, namespace: str) -> dict | None:
+    out = cluster.kubectl(
+        "get", kind, name, "-n", namespace, "-o", "json", "--ignore-not-found", check=True
+    )
+    return json.loads(out.stdout) if out.stdout.strip() else None
+
+
+def install_crds(cluster: Any) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/modeltiers.terrace.dev",
+        "crd/tierrouters.terrace.dev",
+    )
+
+
+def install_rbac(cluster: Any, namespace: str = OPERATOR_NAMESPACE) -> None:
+    ensure_namespace(cluster, namespace)
+    cluster.kubectl("apply", "-f", "-", input=manifests.rbac_yaml(namespace))
+
+
+def fresh_namespace(cluster: Any, namespace: str) -> None:
+    """An empty namespace: a left-over one (an earlier run) is deleted first."""
+    cluster.kubectl(
+        "delete",
+        "namespace",
+        namespace,
+        "--ignore-not-found",
+        "--wait=true",
+        "--timeout=120s",
+        timeout=150,
+    )
+    ensure_namespace(cluster, namespace)
+
+
+def ensure_namespace(cluster: Any, namespace: str) -> None:
+    doc = json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    cluster.kubectl("apply", "-f", "-", input=doc)
+
+
+def ready_condition(obj: dict | None) -> dict:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c
+    return {}
+
+
+def is_ready(obj: dict | None) -> bool:
+    """Ready=True for the object's current generation."""
+    c = ready_condition(obj)
+    return (
+        c.get("status") == "True"
+        and obj is not None
+        and c.get("observedGeneration") == obj["metadata"].get("generation")
+    )
+
+
+class OperatorProcess:
+    """`terrace-operator` as a subprocess watching `namespaces`."""
+
+    def __init__(
+        self,
+        cluster: Any,
+        namespaces: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.args = args or []
+        self.namespaces = namespaces
+        self.log_path = log_path
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen | None = None
+        self.liveness_port = 0
+        self.metrics_port = 0
+        self._log_file: Any = None
+
+    def command(self) -> list[str]:
+        exe = shutil.which("terrace-operator")
+        base = [exe] if exe else [sys.executable, "-m", "terrace_operator.cli"]
+        return [*base, *self.args]
+
+    def start(self, timeout: float = 60.0) -> OperatorProcess:
+        kubeconfig = self.cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA)
+        self.liveness_port, self.metrics_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "TERRACE_NAMESPACES": ",".join(self.namespaces),
+            "TERRACE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.liveness_port}/healthz",
+            "TERRACE_METRICS_HOST": "127.0.0.1",
+            "TERRACE_METRICS_PORT": str(self.metrics_port),
+            "TERRACE_RUNTIME_IMAGE": "terrace:test",
+            "TERRACE_ROUTER_IMAGE": "terrace:test",
+            **self.extra_env,
+        }
+        self._log_file = open(self.log_path, "a")  # noqa: SIM115 (closed in stop)
+        self._log_file.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n")
+        self._log_file.flush()
+        self.proc = subprocess.Popen(
+            self.command(),
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(self._alive, timeout, what="operator liveness endpoint")
+        return self
+
+    def _alive(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"terrace-operator exited early:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1
+            ) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        try:
+            return self._alive()
+        except AssertionError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2
+        ) as r:
+            return r.read().decode()
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM: the most resident memory the process ever had."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc status")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
