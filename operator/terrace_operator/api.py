@@ -160,6 +160,8 @@ class Escalation(_Model):
     on_error: bool = True
     on_overload: bool = True
     max_attempts: int = Field(default=3, ge=1, le=10)
+    # A decimal as a string: no floats in spec.
+    min_mean_logprob: str = Field(default="-2.5", pattern=r"^-[0-9]+(\.[0-9]+)?$")
 
 
 class Cache(_Model):

@@ -411,6 +411,7 @@ def render_router_config(spec: TierRouterSpec, tiers: list[ResolvedTier]) -> Rou
             on_error=spec.escalation.on_error,
             on_overload=spec.escalation.on_overload,
             max_attempts=spec.escalation.max_attempts,
+            min_mean_logprob=float(spec.escalation.min_mean_logprob),
         ),
         cache=CacheConfig(
             enabled=spec.cache.enabled,

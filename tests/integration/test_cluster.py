@@ -149,14 +149,14 @@ def test_cluster_up_is_idempotent_and_down_leaves_nothing(tmp_path: Path, cluste
     state = tmp_path / "c"
     first = subprocess.run([*cli, "up", "--dir", str(state)], capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr
-    pids = [int(p.read_text()) for p in (state / "pids").glob("*.pid")]
+    pids = [int(p.read_text().split()[0]) for p in (state / "pids").glob("*.pid")]
     assert len(pids) == 6
     try:
         second = subprocess.run([*cli, "up", "--dir", str(state)], capture_output=True, text=True, env=env,
                                 timeout=120)
         assert second.returncode == 0, second.stderr
         assert "already running" in second.stderr
-        assert sorted(int(p.read_text()) for p in (state / "pids").glob("*.pid")) == sorted(pids)
+        assert sorted(int(p.read_text().split()[0]) for p in (state / "pids").glob("*.pid")) == sorted(pids)
     finally:
         down = subprocess.run([*cli, "down", "--dir", str(state)], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr

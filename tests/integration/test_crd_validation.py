@@ -260,6 +260,16 @@ REFUSED = [
         spec(ROUTER, escalation={"maxAttempts": 0}),
         "spec.escalation.maxAttempts: Invalid value: 0",
     ),
+    (
+        "escalation-logprob-float",
+        spec(ROUTER, escalation={"minMeanLogprob": -2.5}),
+        "spec.escalation.minMeanLogprob: Invalid value: \"number\"",
+    ),
+    (
+        "escalation-logprob-positive",
+        spec(ROUTER, escalation={"minMeanLogprob": "2.5"}),
+        "spec.escalation.minMeanLogprob: Invalid value: \"2.5\"",
+    ),
 ]
 
 
