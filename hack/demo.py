@@ -269,9 +269,16 @@ def main() -> int:
             demo.watch(6)
         print(f"    burst done: {counts}")
         print(demo.snapshot())
-        print("    quiet now; waiting for the scale-down window and the idle power cap")
-        demo.watch(90, until=lambda: all((t.get("status") or {}).get("replicas", 0) <= t["spec"]["replicas"]["min"]
-                                         for t in demo.tiers().values()) and len(demo.decisions) > 0)
+        peak_watts = (demo.tiers()["large-gpu"].get("status") or {}).get("powerLimitWatts") or 0
+        print("    quiet now; waiting for the scale-down window and for the idle GPU to be capped again")
+
+        def settled() -> bool:
+            tiers = demo.tiers()
+            at_min = all((t.get("status") or {}).get("replicas", 0) <= t["spec"]["replicas"]["min"]
+                         for t in tiers.values())
+            capped = ((tiers["large-gpu"].get("status") or {}).get("powerLimitWatts") or 0) < peak_watts
+            return at_min and capped
+        demo.watch(150, until=settled)
         print(demo.snapshot())
         step(f"Done in {time.monotonic() - started:.0f}s. Decisions: {len(demo.decisions)}")
     except (ClusterError, TimeoutError, subprocess.CalledProcessError) as e:
