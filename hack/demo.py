@@ -50,9 +50,15 @@ HARD = [
 # Demo-speed control loop: the samples' production windows (minutes) shortened
 # so a burst and its aftermath fit in a few minutes. Printed when applied.
 DEMO_PATCHES = {
-    "small-cpu": {"spec": {"replicas": {"max": 3}, "scaling": {"scaleDownStabilizationSeconds": 15}}},
-    "large-gpu": {"spec": {"replicas": {"max": 2}, "scaling": {"metric": "inflight", "target": 2,
-                                                              "scaleDownStabilizationSeconds": 15}}},
+    "small-cpu": {
+        "spec": {"replicas": {"max": 3}, "scaling": {"scaleDownStabilizationSeconds": 15}}
+    },
+    "large-gpu": {
+        "spec": {
+            "replicas": {"max": 2},
+            "scaling": {"metric": "inflight", "target": 2, "scaleDownStabilizationSeconds": 15},
+        }
+    },
 }
 
 
@@ -63,7 +69,7 @@ def step(msg: str) -> None:
 def table(headers: list[str], rows: list[list[object]]) -> str:
     cells = [headers, *[[str(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
 
 
@@ -79,8 +85,12 @@ class Demo:
 
     # -- set-up ----------------------------------------------------------
     def helm(self, *args: str) -> str:
-        out = subprocess.run([str(self.cluster.bin_dir / "helm"), f"--kubeconfig={self.cluster.kubeconfig}", *args],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [str(self.cluster.bin_dir / "helm"), f"--kubeconfig={self.cluster.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if out.returncode != 0:
             raise ClusterError(f"helm {' '.join(args)}: {out.stderr.strip()}")
         return out.stdout
@@ -90,55 +100,103 @@ class Demo:
         if manifest.exists():
             print(f"    demo models already built in {self.models_dir}")
             return
-        subprocess.run(["terrace-runtime", "build-demo-models", "--out", str(self.models_dir)], check=True)
+        subprocess.run(
+            ["terrace-runtime", "build-demo-models", "--out", str(self.models_dir)], check=True
+        )
 
     def install(self) -> None:
-        self.helm("upgrade", "--install", "terrace", str(ROOT / "charts" / "terrace"), "-n", SYSTEM_NS,
-                  "--create-namespace", "--wait", "--timeout", "120s",
-                  "--set", f"operator.prometheusUrl={self.cluster.prometheus_url}",
-                  "--set", f"operator.tickSeconds={self.tick_seconds}",
-                  "--set", "agent.enabled=true", "--set", "agent.fakeGpus=1", "--set", "agent.fakeModel=h100")
+        self.helm(
+            "upgrade",
+            "--install",
+            "terrace",
+            str(ROOT / "charts" / "terrace"),
+            "-n",
+            SYSTEM_NS,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "120s",
+            "--set",
+            f"operator.prometheusUrl={self.cluster.prometheus_url}",
+            "--set",
+            f"operator.tickSeconds={self.tick_seconds}",
+            "--set",
+            "agent.enabled=true",
+            "--set",
+            "agent.fakeGpus=1",
+            "--set",
+            "agent.fakeModel=h100",
+        )
         print(self.cluster.kubectl("get", "pods", "-n", SYSTEM_NS, "-o", "wide").stdout, end="")
 
     def apply_samples(self) -> None:
         self.cluster.kubectl("create", "namespace", NS, check=False)
-        print(self.cluster.kubectl("apply", "-n", NS, "-f", str(ROOT / "crds" / "samples")).stdout, end="")
+        print(
+            self.cluster.kubectl("apply", "-n", NS, "-f", str(ROOT / "crds" / "samples")).stdout,
+            end="",
+        )
         for tier, patch in DEMO_PATCHES.items():
-            self.cluster.kubectl("patch", "mtier", tier, "-n", NS, "--type=merge", "-p", json.dumps(patch))
+            self.cluster.kubectl(
+                "patch", "mtier", tier, "-n", NS, "--type=merge", "-p", json.dumps(patch)
+            )
             print(f"    kubectl patch mtier {tier} --type=merge -p '{json.dumps(patch)}'")
 
     def run_pods(self) -> None:
-        self.runner = PodRunner(self.cluster, [SYSTEM_NS, NS], self.models_dir,
-                                self.cluster.dir / "pods")
+        self.runner = PodRunner(
+            self.cluster, [SYSTEM_NS, NS], self.models_dir, self.cluster.dir / "pods"
+        )
         self.runner.start()
 
         def up(pods: list) -> bool:
-            ready = {(p.program, p.labels.get("terrace.dev/modeltier", "")) for p in pods if p.ready}
-            return {("terrace-operator", ""), ("terrace-agent", ""), ("terrace-router", ""),
-                    ("terrace-runtime", "small-cpu"), ("terrace-runtime", "large-gpu")} <= ready
+            ready = {
+                (p.program, p.labels.get("terrace.dev/modeltier", "")) for p in pods if p.ready
+            }
+            return {
+                ("terrace-operator", ""),
+                ("terrace-agent", ""),
+                ("terrace-router", ""),
+                ("terrace-runtime", "small-cpu"),
+                ("terrace-runtime", "large-gpu"),
+            } <= ready
+
         self.runner.wait_ready(up, timeout=240)
         router = next(p for p in self.runner.pods.values() if p.program == "terrace-router")
         self.router_url = router.url
-        print(table(["pod", "program", "local address"],
-                    [[f"{p.namespace}/{p.name}", p.program, p.url] for p in self.runner.pods.values()]))
+        print(
+            table(
+                ["pod", "program", "local address"],
+                [[f"{p.namespace}/{p.name}", p.program, p.url] for p in self.runner.pods.values()],
+            )
+        )
 
     def wait_tiers_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self.cluster.kubectl("get", "mtier,trouter", "-n", NS, "-o", "json").stdout
             items = json.loads(out)["items"]
-            ready = [any(c["type"] == "Ready" and c["status"] == "True"
-                         for c in (i.get("status") or {}).get("conditions", [])) for i in items]
+            ready = [
+                any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in (i.get("status") or {}).get("conditions", [])
+                )
+                for i in items
+            ]
             if items and all(ready):
                 print(self.cluster.kubectl("get", "terrace", "-n", NS).stdout, end="")
                 return
             time.sleep(1)
-        raise ClusterError("tiers did not become Ready:\n" + self.cluster.kubectl("get", "terrace", "-n", NS).stdout)
+        raise ClusterError(
+            "tiers did not become Ready:\n"
+            + self.cluster.kubectl("get", "terrace", "-n", NS).stdout
+        )
 
     # -- traffic -----------------------------------------------------------
     def client(self):
         import openai
-        return openai.OpenAI(base_url=self.router_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+        return openai.OpenAI(
+            base_url=self.router_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120
+        )
 
     def ask(self, prompts: list[str]) -> list[dict]:
         results = []
@@ -146,36 +204,49 @@ class Demo:
             for prompt in prompts:
                 started = time.perf_counter()
                 raw = c.chat.completions.with_raw_response.create(
-                    model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0)
+                    model="auto",
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=16,
+                    temperature=0,
+                )
                 completion = raw.parse()
-                results.append({
-                    "prompt": prompt, "tier": raw.headers.get("x-terrace-tier"),
-                    "complexity": float(raw.headers.get("x-terrace-complexity", "nan")),
-                    "escalated": raw.headers.get("x-terrace-escalated", "") or "-",
-                    "latency_ms": (time.perf_counter() - started) * 1000,
-                    "answer": (completion.choices[0].message.content or "").replace("\n", " "),
-                })
+                results.append(
+                    {
+                        "prompt": prompt,
+                        "tier": raw.headers.get("x-terrace-tier"),
+                        "complexity": float(raw.headers.get("x-terrace-complexity", "nan")),
+                        "escalated": raw.headers.get("x-terrace-escalated", "") or "-",
+                        "latency_ms": (time.perf_counter() - started) * 1000,
+                        "answer": (completion.choices[0].message.content or "").replace("\n", " "),
+                    }
+                )
         return results
 
     async def _burst(self, seconds: float, concurrency: int, counts: dict[str, int]) -> None:
         import openai
+
         deadline = time.monotonic() + seconds
         prompts = EASY + HARD
 
         async def worker(i: int) -> None:
-            async with openai.AsyncOpenAI(base_url=self.router_url + "/v1", api_key=API_KEY, max_retries=2,
-                                          timeout=120) as c:
+            async with openai.AsyncOpenAI(
+                base_url=self.router_url + "/v1", api_key=API_KEY, max_retries=2, timeout=120
+            ) as c:
                 n = i
                 while time.monotonic() < deadline:
                     n += 1
                     try:
                         raw = await c.chat.completions.with_raw_response.create(
-                            model="auto", messages=[{"role": "user", "content": prompts[n % len(prompts)]}],
-                            max_tokens=24, temperature=0.7)
+                            model="auto",
+                            messages=[{"role": "user", "content": prompts[n % len(prompts)]}],
+                            max_tokens=24,
+                            temperature=0.7,
+                        )
                         tier = raw.headers.get("x-terrace-tier", "?")
                         counts[tier] = counts.get(tier, 0) + 1
                     except openai.APIStatusError as e:
                         counts[f"HTTP {e.status_code}"] = counts.get(f"HTTP {e.status_code}", 0) + 1
+
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
 
     def burst(self, seconds: float = 45, concurrency: int = 24) -> dict[str, int]:
@@ -187,27 +258,41 @@ class Demo:
     def new_decisions(self) -> list[dict]:
         out = self.cluster.kubectl("get", "events", "-n", NS, "-o", "json").stdout
         fresh = []
-        for e in sorted(json.loads(out)["items"], key=lambda e: e.get("lastTimestamp") or e["metadata"]["creationTimestamp"]):
+        for e in sorted(
+            json.loads(out)["items"],
+            key=lambda e: e.get("lastTimestamp") or e["metadata"]["creationTimestamp"],
+        ):
             key = e["metadata"]["uid"] + str(e.get("count", 1))
             if key in self.events_seen:
                 continue
             self.events_seen.add(key)
             reason = e.get("reason", "")
             if any(w in reason.lower() for w in ("scal", "power")):
-                d = {"object": e["involvedObject"]["name"], "reason": reason, "message": e.get("message", "")}
+                d = {
+                    "object": e["involvedObject"]["name"],
+                    "reason": reason,
+                    "message": e.get("message", ""),
+                }
                 fresh.append(d)
                 self.decisions.append(d)
         return fresh
 
     def tiers(self) -> dict[str, dict]:
-        items = json.loads(self.cluster.kubectl("get", "mtier", "-n", NS, "-o", "json").stdout)["items"]
+        items = json.loads(self.cluster.kubectl("get", "mtier", "-n", NS, "-o", "json").stdout)[
+            "items"
+        ]
         return {i["metadata"]["name"]: i for i in items}
 
-    def watch(self, seconds: float, until: Callable[[], bool] | None = None, every: float = 3.0) -> None:
+    def watch(
+        self, seconds: float, until: Callable[[], bool] | None = None, every: float = 3.0
+    ) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             for d in self.new_decisions():
-                print(f"    [{time.strftime('%H:%M:%S')}] {d['object']}: {d['reason']}: {d['message']}", flush=True)
+                print(
+                    f"    [{time.strftime('%H:%M:%S')}] {d['object']}: {d['reason']}: {d['message']}",
+                    flush=True,
+                )
             if until is not None and until():
                 return
             time.sleep(every)
@@ -216,9 +301,18 @@ class Demo:
         rows = []
         for name, t in self.tiers().items():
             st = t.get("status") or {}
-            rows.append([name, t["spec"]["device"], f"{st.get('readyReplicas', 0)}/{st.get('replicas', 0)}",
-                         st.get("powerLimitWatts", "-"), st.get("energyPerRequestJoules", "-")])
-        return table(["tier", "device", "ready/replicas", "power limit (W, enforced)", "J/request"], rows)
+            rows.append(
+                [
+                    name,
+                    t["spec"]["device"],
+                    f"{st.get('readyReplicas', 0)}/{st.get('replicas', 0)}",
+                    st.get("powerLimitWatts", "-"),
+                    st.get("energyPerRequestJoules", "-"),
+                ]
+            )
+        return table(
+            ["tier", "device", "ready/replicas", "power limit (W, enforced)", "J/request"], rows
+        )
 
     def stop(self) -> None:
         if self.runner is not None:
@@ -233,17 +327,27 @@ def main() -> int:
     cluster = Cluster(dir=Path(os.environ.get("TERRACE_CLUSTER_DIR", DEFAULT_DIR)).resolve())
     demo = Demo(cluster)
     try:
-        step("1/7 Dev cluster: etcd, kube-apiserver, controller-manager, scheduler, kwok, Prometheus (127.0.0.1)")
-        print("    kwok fakes the nodes cpu-node and gpu-node; pods scheduled there run NO containers.")
-        print("    Terrace's pods run as local processes instead (step 5): the same programs the images run.")
+        step(
+            "1/7 Dev cluster: etcd, kube-apiserver, controller-manager, scheduler, kwok, Prometheus (127.0.0.1)"
+        )
+        print(
+            "    kwok fakes the nodes cpu-node and gpu-node; pods scheduled there run NO containers."
+        )
+        print(
+            "    Terrace's pods run as local processes instead (step 5): the same programs the images run."
+        )
         if not cluster.up():
             print("    already running; reusing it")
         print(cluster.kubectl("get", "nodes", "-L", "terrace.dev/accelerator").stdout, end="")
 
-        step("2/7 Demo models, built by Terrace's own code from Python's standard library text (no downloads)")
+        step(
+            "2/7 Demo models, built by Terrace's own code from Python's standard library text (no downloads)"
+        )
         demo.build_models()
 
-        step("3/7 helm install terrace (operator + power agent on fake GPUs), Prometheus as its metrics source")
+        step(
+            "3/7 helm install terrace (operator + power agent on fake GPUs), Prometheus as its metrics source"
+        )
         demo.install()
 
         step("4/7 kubectl apply -f crds/samples/  (a CPU tier, a GPU tier, a router over both)")
@@ -255,11 +359,25 @@ def main() -> int:
 
         step("6/7 Easy and hard prompts through the openai client (model=auto)")
         results = demo.ask(EASY[:3] + HARD[:3])
-        print(table(["prompt", "complexity", "tier", "escalated", "latency ms"],
-                    [[r["prompt"][:48] + ("…" if len(r["prompt"]) > 48 else ""), f"{r['complexity']:.3f}",
-                      r["tier"], r["escalated"], f"{r['latency_ms']:.0f}"] for r in results]))
+        print(
+            table(
+                ["prompt", "complexity", "tier", "escalated", "latency ms"],
+                [
+                    [
+                        r["prompt"][:48] + ("…" if len(r["prompt"]) > 48 else ""),
+                        f"{r['complexity']:.3f}",
+                        r["tier"],
+                        r["escalated"],
+                        f"{r['latency_ms']:.0f}",
+                    ]
+                    for r in results
+                ],
+            )
+        )
 
-        step("7/7 A burst of load (45 s, 24 clients), then quiet: scaling and power decisions as they happen")
+        step(
+            "7/7 A burst of load (45 s, 24 clients), then quiet: scaling and power decisions as they happen"
+        )
         print(demo.snapshot())
         demo.new_decisions()  # only what happens from here on
         counts: dict[str, int] = {}
@@ -270,14 +388,21 @@ def main() -> int:
         print(f"    burst done: {counts}")
         print(demo.snapshot())
         peak_watts = (demo.tiers()["large-gpu"].get("status") or {}).get("powerLimitWatts") or 0
-        print("    quiet now; waiting for the scale-down window and for the idle GPU to be capped again")
+        print(
+            "    quiet now; waiting for the scale-down window and for the idle GPU to be capped again"
+        )
 
         def settled() -> bool:
             tiers = demo.tiers()
-            at_min = all((t.get("status") or {}).get("replicas", 0) <= t["spec"]["replicas"]["min"]
-                         for t in tiers.values())
-            capped = ((tiers["large-gpu"].get("status") or {}).get("powerLimitWatts") or 0) < peak_watts
+            at_min = all(
+                (t.get("status") or {}).get("replicas", 0) <= t["spec"]["replicas"]["min"]
+                for t in tiers.values()
+            )
+            capped = (
+                (tiers["large-gpu"].get("status") or {}).get("powerLimitWatts") or 0
+            ) < peak_watts
             return at_min and capped
+
         demo.watch(150, until=settled)
         print(demo.snapshot())
         step(f"Done in {time.monotonic() - started:.0f}s. Decisions: {len(demo.decisions)}")
@@ -290,8 +415,10 @@ def main() -> int:
     if keep:
         print(cluster.describe())
         print(f"Router (OpenAI API): {demo.router_url}/v1   key: {API_KEY}")
-        print("KEEP=1: everything stays up while this process runs; Ctrl-C stops the local pods,"
-              " `make cluster-down` the cluster.")
+        print(
+            "KEEP=1: everything stays up while this process runs; Ctrl-C stops the local pods,"
+            " `make cluster-down` the cluster."
+        )
         try:
             while True:
                 time.sleep(3600)

@@ -34,7 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / ".cache" / "cluster"
 # Started in this order, stopped in reverse.
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "prometheus")
+COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "prometheus",
+)
 READY_TIMEOUT_S = 60.0
 
 NODES = """
@@ -114,19 +121,56 @@ def make_pki(pki: Path) -> None:
     """A CA, the apiserver's serving cert, an admin client cert, a service-account key."""
     pki.mkdir(parents=True, exist_ok=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", f"{pki}/ca.key", "-out", f"{pki}/ca.crt",
-             "-days", "3650", "-subj", "/CN=terrace-dev-ca")
-    sans = ("subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
-            "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        f"{pki}/ca.key",
+        "-out",
+        f"{pki}/ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=terrace-dev-ca",
+    )
+    sans = (
+        "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    )
     for name, subject, ext in (
         ("apiserver", "/CN=kube-apiserver", sans),
         ("admin", "/O=system:masters/CN=terrace-admin", "extendedKeyUsage=clientAuth"),
     ):
-        _openssl("req", *ec, "-keyout", f"{pki}/{name}.key", "-out", f"{pki}/{name}.csr",
-                 "-subj", subject, "-addext", ext)
-        _openssl("x509", "-req", "-in", f"{pki}/{name}.csr", "-CA", f"{pki}/ca.crt",
-                 "-CAkey", f"{pki}/ca.key", "-CAcreateserial", "-days", "3650",
-                 "-copy_extensions", "copyall", "-out", f"{pki}/{name}.crt")
+        _openssl(
+            "req",
+            *ec,
+            "-keyout",
+            f"{pki}/{name}.key",
+            "-out",
+            f"{pki}/{name}.csr",
+            "-subj",
+            subject,
+            "-addext",
+            ext,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{pki}/{name}.csr",
+            "-CA",
+            f"{pki}/ca.crt",
+            "-CAkey",
+            f"{pki}/ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-copy_extensions",
+            "copyall",
+            "-out",
+            f"{pki}/{name}.crt",
+        )
     _openssl("genrsa", "-out", f"{pki}/sa.key", "2048")
     _openssl("rsa", "-in", f"{pki}/sa.key", "-pubout", "-out", f"{pki}/sa.pub")
 
@@ -152,9 +196,13 @@ def kubeconfig_yaml(server: str, ca_file: Path, user: dict) -> str:
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "terrace-dev", "cluster": {"server": server, "certificate-authority-data": ca}}],
+        "clusters": [
+            {"name": "terrace-dev", "cluster": {"server": server, "certificate-authority-data": ca}}
+        ],
         "users": [{"name": "user", "user": user}],
-        "contexts": [{"name": "terrace-dev", "context": {"cluster": "terrace-dev", "user": "user"}}],
+        "contexts": [
+            {"name": "terrace-dev", "context": {"cluster": "terrace-dev", "user": "user"}}
+        ],
         "current-context": "terrace-dev",
     }
     return json.dumps(doc, indent=2)  # JSON is YAML
@@ -234,8 +282,12 @@ class Cluster:
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=self.dir,
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.dir,
         )
         log.close()
         self._pidfile(name).write_text(f"{proc.pid} {_start_time(proc.pid)}")
@@ -296,8 +348,10 @@ class Cluster:
     def healthy(self) -> bool:
         if set(self.running()) != set(COMPONENTS):
             return False
-        return (self._get(f"{self.server}/readyz")[0] == 200
-                and self._get(f"{self.prometheus_url}/-/ready")[0] == 200)
+        return (
+            self._get(f"{self.server}/readyz")[0] == 200
+            and self._get(f"{self.prometheus_url}/-/ready")[0] == 200
+        )
 
     def _wait(self, what: str, check, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
@@ -308,27 +362,43 @@ class Cluster:
                 return
             dead = [n for n in COMPONENTS if self._exited(n)]
             if dead:
-                raise ClusterError(f"{', '.join(dead)} exited while waiting for {what}:\n"
-                                   f"{self._log_tail(dead[0])}\n(logs in {self.dir / 'logs'})")
+                raise ClusterError(
+                    f"{', '.join(dead)} exited while waiting for {what}:\n"
+                    f"{self._log_tail(dead[0])}\n(logs in {self.dir / 'logs'})"
+                )
             time.sleep(0.2)
         raise ClusterError(f"timed out waiting for {what}: {last}; logs in {self.dir / 'logs'}")
 
     def _log_tail(self, name: str, lines: int = 15) -> str:
         try:
             return "\n".join(
-                (self.dir / "logs" / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+                (self.dir / "logs" / f"{name}.log")
+                .read_text(errors="replace")
+                .splitlines()[-lines:]
+            )
         except OSError:
             return "(no log)"
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                kubeconfig: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    def kubectl(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        kubeconfig: Path | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess:
         assert self.bin_dir is not None
         proc = subprocess.run(
             [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
-            input=input, capture_output=True, text=True, timeout=timeout,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
-            raise ClusterError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+            raise ClusterError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}"
+            )
         return proc
 
     # -- lifecycle -------------------------------------------------------------
@@ -346,7 +416,9 @@ class Cluster:
         for attempt in (1, 2):
             for sub in ("pki", "logs", "pids", "etcd", "prometheus/data", "prometheus/targets"):
                 (self.dir / sub).mkdir(parents=True, exist_ok=True)
-            self.ports = {k: free_port() for k in ("etcd", "etcd_peer", "apiserver", "kwok", "prometheus")}
+            self.ports = {
+                k: free_port() for k in ("etcd", "etcd_peer", "apiserver", "kwok", "prometheus")
+            }
             try:
                 self._start_all(prometheus)
                 break
@@ -356,7 +428,10 @@ class Cluster:
                 self.stop_processes()
                 if attempt == 2:
                     raise
-                print(f"devcluster: start failed ({str(e).splitlines()[0]}); retrying", file=sys.stderr)
+                print(
+                    f"devcluster: start failed ({str(e).splitlines()[0]}); retrying",
+                    file=sys.stderr,
+                )
                 self.down()
             except BaseException:
                 self.stop_processes()  # keep the logs for the post-mortem; the next `up` clears them
@@ -369,63 +444,117 @@ class Cluster:
         b, d, p = self.bin_dir, self.dir, self.ports
         pki = d / "pki"
         make_pki(pki)
-        self.kubeconfig.write_text(kubeconfig_yaml(self.server, self.ca_file, {
-            "client-certificate-data": base64.b64encode((pki / "admin.crt").read_bytes()).decode(),
-            "client-key-data": base64.b64encode((pki / "admin.key").read_bytes()).decode(),
-        }))
+        self.kubeconfig.write_text(
+            kubeconfig_yaml(
+                self.server,
+                self.ca_file,
+                {
+                    "client-certificate-data": base64.b64encode(
+                        (pki / "admin.crt").read_bytes()
+                    ).decode(),
+                    "client-key-data": base64.b64encode((pki / "admin.key").read_bytes()).decode(),
+                },
+            )
+        )
         etcd_url = f"http://127.0.0.1:{p['etcd']}"
         peer_url = f"http://127.0.0.1:{p['etcd_peer']}"
-        self._spawn("etcd", [
-            str(b / "etcd"), "--name=terrace", f"--data-dir={d / 'etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=terrace={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                str(b / "etcd"),
+                "--name=terrace",
+                f"--data-dir={d / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=terrace={peer_url}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
         self._wait("etcd", lambda: (self._get(f"{etcd_url}/health")[0] == 200, "etcd /health"))
-        self._spawn("kube-apiserver", [
-            str(b / "kube-apiserver"), f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={p['apiserver']}",
-            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--authorization-mode=RBAC", "--service-cluster-ip-range=10.96.0.0/16",
-            # No kubelets and no real pod network: nothing may dial 127.0.0.1 as an endpoint.
-            "--endpoint-reconciler-type=none",
-            "--enable-admission-plugins=ExtendedResourceToleration",
-            "--allow-privileged=true", "--profiling=false",
-        ])
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(b / "kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={p['apiserver']}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                # No kubelets and no real pod network: nothing may dial 127.0.0.1 as an endpoint.
+                "--endpoint-reconciler-type=none",
+                "--enable-admission-plugins=ExtendedResourceToleration",
+                "--allow-privileged=true",
+                "--profiling=false",
+            ],
+        )
         self._wait("kube-apiserver /readyz", lambda: self._ready(f"{self.server}/readyz"))
-        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--bind-address=127.0.0.1",
-                  "--secure-port=0"]
-        self._spawn("kube-controller-manager", [
-            str(b / "kube-controller-manager"), *common,
-            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-            "--use-service-account-credentials=false", "--controllers=*",
-        ])
+        common = [
+            f"--kubeconfig={self.kubeconfig}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            "--secure-port=0",
+        ]
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(b / "kube-controller-manager"),
+                *common,
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                "--use-service-account-credentials=false",
+                "--controllers=*",
+            ],
+        )
         self._spawn("kube-scheduler", [str(b / "kube-scheduler"), *common])
-        self._spawn("kwok", [
-            str(b / "kwok"), f"--kubeconfig={self.kubeconfig}",
-            "--manage-all-nodes=false",
-            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            f"--server-address=127.0.0.1:{p['kwok']}", "--node-ip=10.240.0.1",
-            "--cidr=10.244.0.0/16", "--node-lease-duration-seconds=40",
-            f"--config={ROOT / 'hack' / 'kwok-stages.yaml'}",
-        ])
+        self._spawn(
+            "kwok",
+            [
+                str(b / "kwok"),
+                f"--kubeconfig={self.kubeconfig}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                f"--server-address=127.0.0.1:{p['kwok']}",
+                "--node-ip=10.240.0.1",
+                "--cidr=10.244.0.0/16",
+                "--node-lease-duration-seconds=40",
+                f"--config={ROOT / 'hack' / 'kwok-stages.yaml'}",
+            ],
+        )
         self._write_prometheus_config()
-        self._spawn("prometheus", [
-            prometheus, f"--config.file={d / 'prometheus' / 'prometheus.yml'}",
-            f"--storage.tsdb.path={d / 'prometheus' / 'data'}",
-            f"--web.listen-address=127.0.0.1:{p['prometheus']}",
-            "--web.enable-lifecycle", "--storage.tsdb.retention.time=1d",
-        ])
+        self._spawn(
+            "prometheus",
+            [
+                prometheus,
+                f"--config.file={d / 'prometheus' / 'prometheus.yml'}",
+                f"--storage.tsdb.path={d / 'prometheus' / 'data'}",
+                f"--web.listen-address=127.0.0.1:{p['prometheus']}",
+                "--web.enable-lifecycle",
+                "--storage.tsdb.retention.time=1d",
+            ],
+        )
         self.kubectl("apply", "-f", "-", input=NODES)
         self._wait("nodes Ready", self._nodes_ready)
         # The service-account controller makes the `default` SA that pods need.
-        self._wait("default ServiceAccount", lambda: (
-            self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0,
-            "serviceaccount default/default"))
+        self._wait(
+            "default ServiceAccount",
+            lambda: (
+                self.kubectl(
+                    "get", "serviceaccount", "default", "-n", "default", check=False
+                ).returncode
+                == 0,
+                "serviceaccount default/default",
+            ),
+        )
         self._wait("Prometheus", lambda: self._ready(f"{self.prometheus_url}/-/ready"))
 
     def _ready(self, url: str) -> tuple[bool, str]:
@@ -433,24 +562,41 @@ class Cluster:
         return status == 200, f"{url} -> {status} {body[:200]}"
 
     def _nodes_ready(self) -> tuple[bool, str]:
-        out = self.kubectl("get", "nodes", "-o",
-                           "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=='Ready')].status} {end}",
-                           check=False)
+        out = self.kubectl(
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=='Ready')].status} {end}",
+            check=False,
+        )
         ready = {kv.split("=")[0] for kv in out.stdout.split() if kv.endswith("=True")}
         return {"cpu-node", "gpu-node"} <= ready, out.stdout or out.stderr
 
     def _write_prometheus_config(self) -> None:
         prom = self.dir / "prometheus"
         config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+            "global": {
+                "scrape_interval": "1s",
+                "evaluation_interval": "1s",
+                "scrape_timeout": "1s",
+            },
             "scrape_configs": [
-                {"job_name": "prometheus",
-                 "static_configs": [{"targets": [f"127.0.0.1:{self.ports['prometheus']}"]}]},
-                {"job_name": "etcd", "static_configs": [{"targets": [f"127.0.0.1:{self.ports['etcd']}"]}]},
+                {
+                    "job_name": "prometheus",
+                    "static_configs": [{"targets": [f"127.0.0.1:{self.ports['prometheus']}"]}],
+                },
+                {
+                    "job_name": "etcd",
+                    "static_configs": [{"targets": [f"127.0.0.1:{self.ports['etcd']}"]}],
+                },
                 # Terrace's own processes (router, runtimes, agent) register here;
                 # a target file may set `job` and any other label.
-                {"job_name": "terrace",
-                 "file_sd_configs": [{"files": [str(prom / "targets" / "*.json")], "refresh_interval": "1s"}]},
+                {
+                    "job_name": "terrace",
+                    "file_sd_configs": [
+                        {"files": [str(prom / "targets" / "*.json")], "refresh_interval": "1s"}
+                    ],
+                },
             ],
         }
         (prom / "prometheus.yml").write_text(json.dumps(config, indent=2))
@@ -465,7 +611,9 @@ class Cluster:
             subprocess.run(["rm", "-rf", str(self.dir)], check=False)
 
     # -- helpers for tests and the demo -----------------------------------
-    def add_scrape_target(self, job: str, address: str, labels: dict[str, str] | None = None) -> None:
+    def add_scrape_target(
+        self, job: str, address: str, labels: dict[str, str] | None = None
+    ) -> None:
         """Have Prometheus scrape `address` (host:port) as `job`, with extra labels."""
         group = [{"targets": [address], "labels": {"job": job, **(labels or {})}}]
         tmp = self.targets_dir / f".{job}.json.tmp"
@@ -480,17 +628,24 @@ class Cluster:
 
     def start_prometheus(self) -> None:
         if self._pid("prometheus") is None:
-            self._spawn("prometheus", [
-                prometheus_binary(), f"--config.file={self.dir / 'prometheus' / 'prometheus.yml'}",
-                f"--storage.tsdb.path={self.dir / 'prometheus' / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}",
-                "--web.enable-lifecycle", "--storage.tsdb.retention.time=1d",
-            ])
+            self._spawn(
+                "prometheus",
+                [
+                    prometheus_binary(),
+                    f"--config.file={self.dir / 'prometheus' / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={self.dir / 'prometheus' / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}",
+                    "--web.enable-lifecycle",
+                    "--storage.tsdb.retention.time=1d",
+                ],
+            )
         self._wait("Prometheus", lambda: self._ready(f"{self.prometheus_url}/-/ready"))
 
     def service_account_kubeconfig(self, namespace: str, name: str, duration: str = "24h") -> Path:
         """A kubeconfig that authenticates as a ServiceAccount (a TokenRequest token)."""
-        token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={duration}").stdout.strip()
+        token = self.kubectl(
+            "create", "token", name, "-n", namespace, f"--duration={duration}"
+        ).stdout.strip()
         path = self.dir / f"kubeconfig-{namespace}-{name}"
         path.write_text(kubeconfig_yaml(self.server, self.ca_file, {"token": token}))
         return path
@@ -508,7 +663,9 @@ class Cluster:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=["up", "down", "status", "env"])
-    ap.add_argument("--dir", type=Path, default=Path(os.environ.get("TERRACE_CLUSTER_DIR", DEFAULT_DIR)))
+    ap.add_argument(
+        "--dir", type=Path, default=Path(os.environ.get("TERRACE_CLUSTER_DIR", DEFAULT_DIR))
+    )
     args = ap.parse_args(argv)
     cluster = Cluster(dir=args.dir.resolve())
     try:
@@ -531,8 +688,10 @@ def main(argv: list[str] | None = None) -> int:
             if attached is None:
                 print("no healthy cluster in", cluster.dir, file=sys.stderr)
                 return 1
-            print(f"export KUBECONFIG={attached.kubeconfig}\nexport PATH={attached.bin_dir}:$PATH\n"
-                  f"export PROMETHEUS_URL={attached.prometheus_url}")
+            print(
+                f"export KUBECONFIG={attached.kubeconfig}\nexport PATH={attached.bin_dir}:$PATH\n"
+                f"export PROMETHEUS_URL={attached.prometheus_url}"
+            )
     except ClusterError as e:
         print(f"devcluster: {e}", file=sys.stderr)
         return 1

@@ -42,9 +42,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
-from kubernetes import client, config
-
 from devcluster import Cluster, free_port
+from kubernetes import client, config
 
 log = logging.getLogger("podrunner")
 IMAGES = ("terrace-operator", "terrace-router", "terrace-runtime", "terrace-agent")
@@ -119,7 +118,12 @@ class PodRunner:
         for uid, pod in wanted.items():
             local = self.pods.get(uid)
             if local is not None and local.proc.poll() is not None:
-                log.warning("%s/%s exited with %s; restarting", local.namespace, local.name, local.proc.returncode)
+                log.warning(
+                    "%s/%s exited with %s; restarting",
+                    local.namespace,
+                    local.name,
+                    local.proc.returncode,
+                )
                 self._kill(uid)
                 local = None
             if local is None:
@@ -184,25 +188,51 @@ class PodRunner:
             argv = _set_flag(argv, "--kubeconfig", str(self._sa_kubeconfig(pod)))
             if _get_flag(argv, "--fake-gpus") not in (None, "0"):
                 # The fake GPU's demand is what the GPU pods on its node keep busy.
-                argv = _set_flag(argv, "--fake-load-file", str(self._load_file(pod.spec.node_name or "")))
+                argv = _set_flag(
+                    argv, "--fake-load-file", str(self._load_file(pod.spec.node_name or ""))
+                )
         elif program == "terrace-operator":
             env["KUBECONFIG"] = str(self._sa_kubeconfig(pod))
             env["TERRACE_METRICS_HOST"] = "127.0.0.1"
             env["TERRACE_METRICS_PORT"] = str(port)
             env["TERRACE_LIVENESS_ENDPOINT"] = f"http://127.0.0.1:{free_port()}/healthz"
         argv += self.extra_args.get(program, [])
-        local = LocalPod(uid=meta.uid, namespace=meta.namespace, name=meta.name, program=program,
-                         port=port, proc=None, labels=dict(meta.labels or {}),  # type: ignore[arg-type]
-                         node=pod.spec.node_name or "", router_config=router_config)
+        local = LocalPod(
+            uid=meta.uid,
+            namespace=meta.namespace,
+            name=meta.name,
+            program=program,
+            port=port,
+            proc=None,
+            labels=dict(meta.labels or {}),  # type: ignore[arg-type]
+            node=pod.spec.node_name or "",
+            router_config=router_config,
+        )
         if router_config is not None:
             self._render_router_config(local, force=True)
         logf = open(local_dir / "log", "ab")  # noqa: SIM115 - handed to the child
-        local.proc = subprocess.Popen(argv, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=local_dir)
+        local.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=local_dir,
+        )
         logf.close()
         self.pods[meta.uid] = local
-        self.cluster.add_scrape_target(self._job(local), f"127.0.0.1:{port}", self._scrape_labels(local, pod))
-        log.info("started %s/%s (%s) on %s, pid %s", meta.namespace, meta.name, program, local.url, local.proc.pid)
+        self.cluster.add_scrape_target(
+            self._job(local), f"127.0.0.1:{port}", self._scrape_labels(local, pod)
+        )
+        log.info(
+            "started %s/%s (%s) on %s, pid %s",
+            meta.namespace,
+            meta.name,
+            program,
+            local.url,
+            local.proc.pid,
+        )
 
     def _runtime_argv(self, argv: list[str], port: int) -> list[str]:
         argv = _set_flag(_set_flag(argv, "--port", str(port)), "--host", "127.0.0.1")
@@ -210,15 +240,18 @@ class PodRunner:
         if model:
             path = urlparse(model).path if model.startswith("file://") else model
             if path.startswith("/models/"):
-                argv = _set_flag(argv, "--model", str(self.models_dir / path[len("/models/"):]))
+                argv = _set_flag(argv, "--model", str(self.models_dir / path[len("/models/") :]))
         if _get_flag(argv, "--device") == "cuda" and not self._has_cuda:
             argv = _set_flag(argv, "--device", "cpu")
         return argv
 
     def _env(self, pod: Any, c: Any) -> dict[str, str]:
         env: dict[str, str] = {}
-        field_values = {"spec.nodeName": pod.spec.node_name or "", "metadata.name": pod.metadata.name,
-                        "metadata.namespace": pod.metadata.namespace}
+        field_values = {
+            "spec.nodeName": pod.spec.node_name or "",
+            "metadata.name": pod.metadata.name,
+            "metadata.namespace": pod.metadata.namespace,
+        }
         for e in c.env or []:
             if e.value is not None:
                 env[e.name] = e.value
@@ -227,8 +260,9 @@ class PodRunner:
         return env
 
     def _sa_kubeconfig(self, pod: Any) -> Path:
-        return self.cluster.service_account_kubeconfig(pod.metadata.namespace,
-                                                       pod.spec.service_account_name or "default")
+        return self.cluster.service_account_kubeconfig(
+            pod.metadata.namespace, pod.spec.service_account_name or "default"
+        )
 
     @staticmethod
     def _job(local: LocalPod) -> str:
@@ -271,17 +305,23 @@ class PodRunner:
         for vol in pod.spec.volumes or []:
             if vol.config_map is not None:
                 cm = self.core.read_namespaced_config_map(vol.config_map.name, router.namespace)
-                data, items = {k: v.encode() for k, v in (cm.data or {}).items()}, vol.config_map.items
+                data, items = (
+                    {k: v.encode() for k, v in (cm.data or {}).items()},
+                    vol.config_map.items,
+                )
             elif vol.secret is not None:
                 secret = self.core.read_namespaced_secret(vol.secret.secret_name, router.namespace)
-                data, items = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}, vol.secret.items
+                data, items = (
+                    {k: base64.b64decode(v) for k, v in (secret.data or {}).items()},
+                    vol.secret.items,
+                )
             else:
                 continue
             # Like the kubelet: `items` maps keys to file names; without it every key is a file.
             if items:
                 data = {i.path: data[i.key] for i in items if i.key in data}
             files[mounts.get(vol.name, "")] = data
-        for mount, content in files.items():
+        for content in files.values():
             for key, data in content.items():
                 if key.endswith((".yaml", ".yml", ".json")) and b"tiers" in data:
                     table = yaml.safe_load(data)
@@ -318,9 +358,14 @@ class PodRunner:
         except client.ApiException:
             return []
         selector = svc.spec.selector or {}
-        return [p.url for p in self.pods.values()
-                if p.namespace == namespace and p.ready and selector
-                and all(p.labels.get(k) == v for k, v in selector.items())]
+        return [
+            p.url
+            for p in self.pods.values()
+            if p.namespace == namespace
+            and p.ready
+            and selector
+            and all(p.labels.get(k) == v for k, v in selector.items())
+        ]
 
     def wait_ready(self, predicate, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -328,8 +373,13 @@ class PodRunner:
             if predicate(list(self.pods.values())):
                 return
             time.sleep(0.5)
-        raise TimeoutError("local pods did not become ready: " + ", ".join(
-            f"{p.namespace}/{p.name}({'ready' if p.ready else 'starting'})" for p in self.pods.values()))
+        raise TimeoutError(
+            "local pods did not become ready: "
+            + ", ".join(
+                f"{p.namespace}/{p.name}({'ready' if p.ready else 'starting'})"
+                for p in self.pods.values()
+            )
+        )
 
 
 def _ready(pod: Any) -> bool:
@@ -337,7 +387,9 @@ def _ready(pod: Any) -> bool:
 
 
 def _answers(local: LocalPod) -> bool:
-    path = {"terrace-runtime": "/v2/health/ready", "terrace-router": "/readyz"}.get(local.program, "/metrics")
+    path = {"terrace-runtime": "/v2/health/ready", "terrace-router": "/readyz"}.get(
+        local.program, "/metrics"
+    )
     if local.program == "terrace-operator":
         return local.proc.poll() is None
     try:
@@ -353,8 +405,11 @@ def _busy_seconds(local: LocalPod) -> float:
             text = r.read().decode()
     except OSError:
         return 0.0
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("terrace_runtime_busy_seconds_total"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("terrace_runtime_busy_seconds_total")
+    )
 
 
 def _get_flag(argv: list[str], flag: str) -> str | None:

@@ -31,7 +31,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if reuse:
         existing = Cluster.attach(Path(reuse).resolve())
         if existing is None:
-            pytest.fail(f"TERRACE_CLUSTER_DIR={reuse} holds no healthy cluster (run make cluster-up)")
+            pytest.fail(
+                f"TERRACE_CLUSTER_DIR={reuse} holds no healthy cluster (run make cluster-up)"
+            )
         yield existing
         return
     c = Cluster(dir=tmp_path_factory.mktemp("cluster"))

@@ -29,7 +29,9 @@ class TierConfig(_Model):
     """One tier, in cost order (the first is the cheapest)."""
 
     name: str = Field(min_length=1, max_length=253)
-    endpoints: list[str] = Field(min_length=1, description="Base URLs, e.g. http://small.demo.svc:8080")
+    endpoints: list[str] = Field(
+        min_length=1, description="Base URLs, e.g. http://small.demo.svc:8080"
+    )
     protocol: Literal["openai", "v2"] = "openai"
     # The model name sent upstream; None keeps what the client asked for
     # (or the tier name when the client asked for "auto").
@@ -52,7 +54,9 @@ class ClassifierConfig(_Model):
 class CalibrationConfig(_Model):
     target_large_share: float = Field(default=0.3, ge=0.0, le=1.0)
     window: int = Field(default=2000, ge=10, description="Live scores the rolling quantile keeps")
-    warmup: int = Field(default=50, ge=0, description="Scores before the live quantile replaces the shipped one")
+    warmup: int = Field(
+        default=50, ge=0, description="Scores before the live quantile replaces the shipped one"
+    )
     # Fixed score thresholds, one per boundary between consecutive OpenAI
     # tiers (ascending): a score >= thresholds[i] goes past tier i. Setting
     # them turns the live calibration off (pinned routing, e.g. for tests).

@@ -23,8 +23,11 @@ from demo import EASY, HARD, NS, SYSTEM_NS, Demo  # noqa: E402
 @pytest.fixture(scope="module")
 def demo(cluster, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
-    subprocess.run(["terrace-runtime", "build-demo-models", "--out", str(models), "--preset", "tiny"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["terrace-runtime", "build-demo-models", "--out", str(models), "--preset", "tiny"],
+        check=True,
+        capture_output=True,
+    )
     d = Demo(cluster, models_dir=models, tick_seconds=2)
     try:
         d.install()
@@ -61,7 +64,9 @@ def test_load_scales_up_then_down_and_moves_the_power_limit(demo) -> None:
     idle_limit = limit()
     assert idle_limit is not None and 200 <= idle_limit < 700, demo.snapshot()
     node = json.loads(demo.cluster.kubectl("get", "node", "gpu-node", "-o", "json").stdout)
-    assert any("terrace.dev" in k for k in node["metadata"].get("annotations", {})), "agent reports on its Node"
+    assert any("terrace.dev" in k for k in node["metadata"].get("annotations", {})), (
+        "agent reports on its Node"
+    )
 
     before = {t: replicas(t) for t in ("small-cpu", "large-gpu")}
     counts = demo.burst(seconds=40, concurrency=24)
@@ -74,11 +79,17 @@ def test_load_scales_up_then_down_and_moves_the_power_limit(demo) -> None:
 
     # Quiet: after the (shortened) stabilization window, back down to min.
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and any(replicas(t) > demo.tiers()[t]["spec"]["replicas"]["min"]
-                                               for t in before):
+    while time.monotonic() < deadline and any(
+        replicas(t) > demo.tiers()[t]["spec"]["replicas"]["min"] for t in before
+    ):
         time.sleep(2)
-    assert all(replicas(t) == demo.tiers()[t]["spec"]["replicas"]["min"] for t in before), demo.snapshot()
-    last = demo.tiers()["small-cpu"]["status"].get("lastScaling") or demo.tiers()["large-gpu"]["status"]["lastScaling"]
+    assert all(replicas(t) == demo.tiers()[t]["spec"]["replicas"]["min"] for t in before), (
+        demo.snapshot()
+    )
+    last = (
+        demo.tiers()["small-cpu"]["status"].get("lastScaling")
+        or demo.tiers()["large-gpu"]["status"]["lastScaling"]
+    )
     assert last and {"time", "from", "to", "reason"} <= set(last[-1])
 
 
@@ -86,7 +97,10 @@ def test_energy_per_request_is_reported(demo) -> None:
     demo.ask(EASY[:2] + HARD[:1])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        energy = {n: (t.get("status") or {}).get("energyPerRequestJoules") for n, t in demo.tiers().items()}
+        energy = {
+            n: (t.get("status") or {}).get("energyPerRequestJoules")
+            for n, t in demo.tiers().items()
+        }
         if all(energy.values()):
             break
         time.sleep(1)
@@ -96,15 +110,32 @@ def test_energy_per_request_is_reported(demo) -> None:
 def test_uninstall_cleans_up(demo) -> None:
     demo.stop()
     demo.helm("uninstall", "terrace", "-n", SYSTEM_NS, "--wait", "--timeout", "120s")
-    left = demo.cluster.kubectl("get", "deployments,daemonsets,serviceaccounts,clusterroles,clusterrolebindings",
-                                "-A", "-l", "app.kubernetes.io/instance=terrace", "-o", "name").stdout.split()
+    left = demo.cluster.kubectl(
+        "get",
+        "deployments,daemonsets,serviceaccounts,clusterroles,clusterrolebindings",
+        "-A",
+        "-l",
+        "app.kubernetes.io/instance=terrace",
+        "-o",
+        "name",
+    ).stdout.split()
     assert left == []
     # Deleting the custom resources removes every child through owner references.
-    demo.cluster.kubectl("delete", "mtier,trouter", "--all", "-n", NS, "--wait=true", "--timeout=60s")
+    demo.cluster.kubectl(
+        "delete", "mtier,trouter", "--all", "-n", NS, "--wait=true", "--timeout=60s"
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        children = demo.cluster.kubectl("get", "deployments,services,configmaps", "-n", NS, "-l",
-                                        "app.kubernetes.io/part-of=terrace", "-o", "name").stdout.split()
+        children = demo.cluster.kubectl(
+            "get",
+            "deployments,services,configmaps",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/part-of=terrace",
+            "-o",
+            "name",
+        ).stdout.split()
         if not children:
             break
         time.sleep(1)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
-
-from pathlib import Path
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "terrace"
 
@@ -15,8 +14,12 @@ RELEASE, NS = "terrace", "terrace-chart"
 
 
 def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([str(cluster.bin_dir / "helm"), f"--kubeconfig={cluster.kubeconfig}", *args],
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [str(cluster.bin_dir / "helm"), f"--kubeconfig={cluster.kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     if check and out.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{out.stderr}")
     return out
@@ -24,42 +27,106 @@ def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess
 
 def release_objects(cluster) -> list[str]:
     kinds = "deployments,daemonsets,services,serviceaccounts,configmaps,clusterroles,clusterrolebindings"
-    out = cluster.kubectl("get", kinds, "-A", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name")
+    out = cluster.kubectl(
+        "get", kinds, "-A", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"
+    )
     return out.stdout.split()
 
 
 def test_install_upgrade_uninstall_leave_nothing_behind(cluster) -> None:
-    helm(cluster, "install", RELEASE, str(CHART), "-n", NS, "--create-namespace", "--wait", "--timeout", "120s",
-         "--set", "agent.enabled=true", "--set", "agent.fakeGpus=1", "--set", "grafanaDashboard.enabled=true")
+    helm(
+        cluster,
+        "install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NS,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "120s",
+        "--set",
+        "agent.enabled=true",
+        "--set",
+        "agent.fakeGpus=1",
+        "--set",
+        "grafanaDashboard.enabled=true",
+    )
     try:
         names = release_objects(cluster)
         assert "deployment.apps/terrace-operator" in names
         assert "daemonset.apps/terrace-agent" in names
-        crds = cluster.kubectl("get", "crd", "modeltiers.terrace.dev", "tierrouters.terrace.dev", "-o", "name")
+        crds = cluster.kubectl(
+            "get", "crd", "modeltiers.terrace.dev", "tierrouters.terrace.dev", "-o", "name"
+        )
         assert len(crds.stdout.split()) == 2
 
         # The chart's RBAC is what the operator needs, and no more.
         sa = f"system:serviceaccount:{NS}:terrace-operator"
+
         def can(verb: str, resource: str) -> bool:
             out = cluster.kubectl("auth", "can-i", verb, resource, "--as", sa, "-A", check=False)
             return out.stdout.strip() == "yes"
+
         assert can("list", "modeltiers.terrace.dev") and can("patch", "deployments.apps/scale")
         assert not can("get", "secrets") and not can("delete", "deployments.apps")
 
         # The agent DaemonSet lands on the GPU node only.
-        pods = json.loads(cluster.kubectl("get", "pods", "-n", NS, "-l", "app.kubernetes.io/component=power-agent",
-                                          "-o", "json").stdout)["items"]
+        pods = json.loads(
+            cluster.kubectl(
+                "get",
+                "pods",
+                "-n",
+                NS,
+                "-l",
+                "app.kubernetes.io/component=power-agent",
+                "-o",
+                "json",
+            ).stdout
+        )["items"]
         assert [p["spec"]["nodeName"] for p in pods] == ["gpu-node"]
 
-        helm(cluster, "upgrade", RELEASE, str(CHART), "-n", NS, "--wait", "--timeout", "120s", "--reuse-values",
-             "--set", "operator.tickSeconds=5")
-        deploy = json.loads(cluster.kubectl("get", "deployment", "terrace-operator", "-n", NS, "-o", "json").stdout)
-        env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+        helm(
+            cluster,
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            "-n",
+            NS,
+            "--wait",
+            "--timeout",
+            "120s",
+            "--reuse-values",
+            "--set",
+            "operator.tickSeconds=5",
+        )
+        deploy = json.loads(
+            cluster.kubectl("get", "deployment", "terrace-operator", "-n", NS, "-o", "json").stdout
+        )
+        env = {
+            e["name"]: e.get("value")
+            for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
         assert env["TERRACE_CONTROL_INTERVAL_SECONDS"] == "5"
-        assert json.loads(helm(cluster, "history", RELEASE, "-n", NS, "-o", "json").stdout)[-1]["revision"] == 2
+        assert (
+            json.loads(helm(cluster, "history", RELEASE, "-n", NS, "-o", "json").stdout)[-1][
+                "revision"
+            ]
+            == 2
+        )
 
-        refused = helm(cluster, "upgrade", RELEASE, str(CHART), "-n", NS, "--reuse-values",
-                       "--set-string", "operator.metricsPort=eighty", check=False)
+        refused = helm(
+            cluster,
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            "-n",
+            NS,
+            "--reuse-values",
+            "--set-string",
+            "operator.metricsPort=eighty",
+            check=False,
+        )
         assert refused.returncode != 0 and "metricsPort" in refused.stderr
     finally:
         helm(cluster, "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s")
@@ -70,9 +137,21 @@ def test_install_upgrade_uninstall_leave_nothing_behind(cluster) -> None:
     assert cluster.kubectl("get", "crd", "modeltiers.terrace.dev", check=False).returncode == 0
 
 
-@pytest.mark.parametrize("bad", [["--set", "operator.replicas=2"], ["--set-string", "agent.fakeGpus=1"]])
+@pytest.mark.parametrize(
+    "bad", [["--set", "operator.replicas=2"], ["--set-string", "agent.fakeGpus=1"]]
+)
 def test_install_refuses_bad_values(cluster, bad: list[str]) -> None:
-    out = helm(cluster, "install", "bad", str(CHART), "-n", "terrace-bad", "--create-namespace", "--dry-run=server",
-               *bad, check=False)
+    out = helm(
+        cluster,
+        "install",
+        "bad",
+        str(CHART),
+        "-n",
+        "terrace-bad",
+        "--create-namespace",
+        "--dry-run=server",
+        *bad,
+        check=False,
+    )
     assert out.returncode != 0
     assert "schema" in out.stderr

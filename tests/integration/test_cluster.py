@@ -55,10 +55,15 @@ def wait_for(what: str, check, timeout: float = 60.0, every: float = 0.5):
 
 def test_cel_rule_rejects_with_its_message(cluster) -> None:
     cluster.kubectl("apply", "-f", "-", input=CRD)
-    cluster.kubectl("wait", "--for=condition=Established", "crd/widgets.check.terrace.dev", "--timeout=30s")
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/widgets.check.terrace.dev", "--timeout=30s"
+    )
     ok = "apiVersion: check.terrace.dev/v1\nkind: Widget\nmetadata: {name: ok, namespace: default}\nspec: {min: 1, max: 2}\n"
     bad = ok.replace("name: ok", "name: bad").replace("min: 1, max: 2", "min: 3, max: 2")
-    wait_for("the CRD to serve", lambda: cluster.kubectl("apply", "-f", "-", input=ok, check=False).returncode == 0)
+    wait_for(
+        "the CRD to serve",
+        lambda: cluster.kubectl("apply", "-f", "-", input=ok, check=False).returncode == 0,
+    )
     out = cluster.kubectl("apply", "-f", "-", input=bad, check=False)
     assert out.returncode != 0
     assert "spec.min must not exceed spec.max" in out.stderr
@@ -68,10 +73,19 @@ def test_cel_rule_rejects_with_its_message(cluster) -> None:
 
 def test_deployment_becomes_ready_on_the_cpu_node(cluster) -> None:
     cluster.kubectl("create", "namespace", "cluster-check")
-    cluster.kubectl("create", "deployment", "web", "-n", "cluster-check", "--image=example.invalid/web:1",
-                    "--replicas=2")
+    cluster.kubectl(
+        "create",
+        "deployment",
+        "web",
+        "-n",
+        "cluster-check",
+        "--image=example.invalid/web:1",
+        "--replicas=2",
+    )
     cluster.kubectl("rollout", "status", "deployment/web", "-n", "cluster-check", "--timeout=60s")
-    pods = json.loads(cluster.kubectl("get", "pods", "-n", "cluster-check", "-l", "app=web", "-o", "json").stdout)
+    pods = json.loads(
+        cluster.kubectl("get", "pods", "-n", "cluster-check", "-l", "app=web", "-o", "json").stdout
+    )
     assert len(pods["items"]) == 2
     # The untolerated GPU taint keeps ordinary pods off gpu-node.
     assert {p["spec"]["nodeName"] for p in pods["items"]} == {"cpu-node"}
@@ -80,10 +94,18 @@ def test_deployment_becomes_ready_on_the_cpu_node(cluster) -> None:
 
 def test_gpu_pod_lands_on_the_gpu_node(cluster) -> None:
     pod = {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": "gpu-check", "namespace": "default"},
-        "spec": {"containers": [{"name": "c", "image": "example.invalid/cuda:1",
-                                 "resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "example.invalid/cuda:1",
+                    "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                }
+            ]
+        },
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
     cluster.kubectl("wait", "--for=condition=Ready", "pod/gpu-check", "--timeout=60s")
@@ -98,14 +120,34 @@ def test_rbac_is_enforced_for_service_accounts(cluster) -> None:
     cluster.kubectl("create", "namespace", "rbac-check")
     cluster.kubectl("create", "serviceaccount", "reader", "-n", "rbac-check")
     kubeconfig = cluster.service_account_kubeconfig("rbac-check", "reader")
-    denied = cluster.kubectl("get", "configmaps", "-n", "rbac-check", kubeconfig=kubeconfig, check=False)
+    denied = cluster.kubectl(
+        "get", "configmaps", "-n", "rbac-check", kubeconfig=kubeconfig, check=False
+    )
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
-    cluster.kubectl("create", "role", "read-cm", "-n", "rbac-check", "--verb=get,list", "--resource=configmaps")
-    cluster.kubectl("create", "rolebinding", "read-cm", "-n", "rbac-check", "--role=read-cm",
-                    "--serviceaccount=rbac-check:reader")
-    wait_for("the RoleBinding to take effect", lambda: cluster.kubectl(
-        "get", "configmaps", "-n", "rbac-check", kubeconfig=kubeconfig, check=False).returncode == 0)
-    still_denied = cluster.kubectl("get", "secrets", "-n", "rbac-check", kubeconfig=kubeconfig, check=False)
+    cluster.kubectl(
+        "create", "role", "read-cm", "-n", "rbac-check", "--verb=get,list", "--resource=configmaps"
+    )
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "read-cm",
+        "-n",
+        "rbac-check",
+        "--role=read-cm",
+        "--serviceaccount=rbac-check:reader",
+    )
+    wait_for(
+        "the RoleBinding to take effect",
+        lambda: (
+            cluster.kubectl(
+                "get", "configmaps", "-n", "rbac-check", kubeconfig=kubeconfig, check=False
+            ).returncode
+            == 0
+        ),
+    )
+    still_denied = cluster.kubectl(
+        "get", "secrets", "-n", "rbac-check", kubeconfig=kubeconfig, check=False
+    )
     assert still_denied.returncode != 0
 
 
@@ -119,22 +161,38 @@ def prom_query(cluster, expr: str) -> list[dict]:
 
 def test_prometheus_scrapes_etcd_and_registered_targets(cluster, tmp_path: Path) -> None:
     # etcd is a real scrape target from the start.
-    result = wait_for("etcd's leader metric", lambda: prom_query(cluster, 'etcd_server_has_leader{job="etcd"}'))
+    result = wait_for(
+        "etcd's leader metric", lambda: prom_query(cluster, 'etcd_server_has_leader{job="etcd"}')
+    )
     assert float(result[0]["value"][1]) == 1.0
     # A process registered at run time is scraped within seconds.
-    port = subprocess.run([sys.executable, "-c", "import socket;s=socket.socket();s.bind(('127.0.0.1',0));"
-                           "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
+    port = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     exporter = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys,time; from prometheus_client import Gauge, start_http_server;"
-         "Gauge('terrace_check_value', 'check').set(42); start_http_server(int(sys.argv[1]), addr='127.0.0.1');"
-         "time.sleep(120)", port],
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from prometheus_client import Gauge, start_http_server;"
+            "Gauge('terrace_check_value', 'check').set(42); start_http_server(int(sys.argv[1]), addr='127.0.0.1');"
+            "time.sleep(120)",
+            port,
+        ],
         start_new_session=True,
     )
     try:
         cluster.add_scrape_target("check", f"127.0.0.1:{port}", {"tier": "probe"})
-        result = wait_for("the registered target's sample",
-                          lambda: prom_query(cluster, 'terrace_check_value{job="check",tier="probe"}'), timeout=30)
+        result = wait_for(
+            "the registered target's sample",
+            lambda: prom_query(cluster, 'terrace_check_value{job="check",tier="probe"}'),
+            timeout=30,
+        )
         assert float(result[0]["value"][1]) == 42.0
     finally:
         cluster.remove_scrape_target("check")
@@ -147,19 +205,29 @@ def test_cluster_up_is_idempotent_and_down_leaves_nothing(tmp_path: Path, cluste
     env = {**os.environ, "TERRACE_CLUSTER_DIR": ""}
     cli = [sys.executable, str(ROOT / "hack" / "devcluster.py")]
     state = tmp_path / "c"
-    first = subprocess.run([*cli, "up", "--dir", str(state)], capture_output=True, text=True, env=env, timeout=120)
+    first = subprocess.run(
+        [*cli, "up", "--dir", str(state)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert first.returncode == 0, first.stderr
     pids = [int(p.read_text().split()[0]) for p in (state / "pids").glob("*.pid")]
     assert len(pids) == 6
     try:
-        second = subprocess.run([*cli, "up", "--dir", str(state)], capture_output=True, text=True, env=env,
-                                timeout=120)
+        second = subprocess.run(
+            [*cli, "up", "--dir", str(state)], capture_output=True, text=True, env=env, timeout=120
+        )
         assert second.returncode == 0, second.stderr
         assert "already running" in second.stderr
-        assert sorted(int(p.read_text().split()[0]) for p in (state / "pids").glob("*.pid")) == sorted(pids)
+        assert sorted(
+            int(p.read_text().split()[0]) for p in (state / "pids").glob("*.pid")
+        ) == sorted(pids)
     finally:
-        down = subprocess.run([*cli, "down", "--dir", str(state)], capture_output=True, text=True, timeout=120)
+        down = subprocess.run(
+            [*cli, "down", "--dir", str(state)], capture_output=True, text=True, timeout=120
+        )
     assert down.returncode == 0, down.stderr
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        )
     assert not state.exists()

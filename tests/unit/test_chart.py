@@ -21,25 +21,34 @@ sys.path.insert(0, str(ROOT / "hack"))
 from devcluster import tools_dir  # noqa: E402
 
 ALL_FEATURES = [
-    "--set", "agent.enabled=true",
-    "--set", "serviceMonitor.enabled=true",
-    "--set", "grafanaDashboard.enabled=true",
-    "--set", "operator.watchNamespaces={demo,prod}",
-    "--set", "global.imageRegistry=registry.example.com",
+    "--set",
+    "agent.enabled=true",
+    "--set",
+    "serviceMonitor.enabled=true",
+    "--set",
+    "grafanaDashboard.enabled=true",
+    "--set",
+    "operator.watchNamespaces={demo,prod}",
+    "--set",
+    "global.imageRegistry=registry.example.com",
 ]
 # Kinds from the Prometheus Operator: not in Kubernetes' own schemas.
 FOREIGN_KINDS = {"ServiceMonitor", "PodMonitor"}
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([str(tools_dir() / "helm"), *args], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(tools_dir() / "helm"), *args], capture_output=True, text=True, timeout=120
+    )
     if check and out.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{out.stderr}")
     return out
 
 
 def render(*values: str) -> list[dict]:
-    out = helm("template", "t", str(CHART), "--namespace", "terrace-system", "--include-crds", *values)
+    out = helm(
+        "template", "t", str(CHART), "--namespace", "terrace-system", "--include-crds", *values
+    )
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
@@ -50,18 +59,24 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 @pytest.mark.parametrize("name", ["terrace.dev_modeltiers.yaml", "terrace.dev_tierrouters.yaml"])
 def test_chart_crds_are_identical_to_crds_folder(name: str) -> None:
     assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), (
-        f"charts/terrace/crds/{name} differs from crds/{name}: run `make chart-sync`")
+        f"charts/terrace/crds/{name} differs from crds/{name}: run `make chart-sync`"
+    )
     assert sorted(p.name for p in (CHART / "crds").glob("*.yaml")) == sorted(
-        p.name for p in (ROOT / "crds").glob("*.yaml"))
+        p.name for p in (ROOT / "crds").glob("*.yaml")
+    )
 
 
-@pytest.mark.parametrize(("copy", "source"), [
-    ("files/operator-clusterrole.yaml", "operator/terrace_operator/rbac/clusterrole.yaml"),
-    ("files/agent-rbac.yaml", "operator/terrace_operator/agent/rbac.yaml"),
-])
+@pytest.mark.parametrize(
+    ("copy", "source"),
+    [
+        ("files/operator-clusterrole.yaml", "operator/terrace_operator/rbac/clusterrole.yaml"),
+        ("files/agent-rbac.yaml", "operator/terrace_operator/agent/rbac.yaml"),
+    ],
+)
 def test_chart_rbac_is_the_components_own(copy: str, source: str) -> None:
     assert (CHART / copy).read_bytes() == (ROOT / source).read_bytes(), (
-        f"charts/terrace/{copy} differs from {source}: run `make chart-sync`")
+        f"charts/terrace/{copy} differs from {source}: run `make chart-sync`"
+    )
 
 
 @pytest.mark.parametrize("values", [[], ALL_FEATURES], ids=["default", "all-features"])
@@ -74,7 +89,13 @@ def test_lint_strict(values: list[str]) -> None:
 def test_rendered_objects_are_valid_kubernetes(values: list[str]) -> None:
     docs = render(*values)
     kinds = {d["kind"] for d in docs}
-    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
+    assert {
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    } <= kinds
     for doc in docs:
         if doc["kind"] in FOREIGN_KINDS:
             assert doc["apiVersion"] == "monitoring.coreos.com/v1"
@@ -85,11 +106,18 @@ def test_rendered_objects_are_valid_kubernetes(values: list[str]) -> None:
 def test_all_features_render_agent_monitoring_and_dashboard() -> None:
     docs = render(*ALL_FEATURES)
     assert {"DaemonSet", "ServiceMonitor", "PodMonitor"} <= {d["kind"] for d in docs}
-    dashboard = next(d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard"))
+    dashboard = next(
+        d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")
+    )
     panels = json.loads(dashboard["data"]["terrace.json"])["panels"]
     exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
-    for metric in ("terrace_router_requests_total", "terrace_router_tier_share", "terrace_gpu_power_limit_watts",
-                   "terrace_tier_energy_per_request_joules", "terrace_router_request_duration_seconds_bucket"):
+    for metric in (
+        "terrace_router_requests_total",
+        "terrace_router_tier_share",
+        "terrace_gpu_power_limit_watts",
+        "terrace_tier_energy_per_request_joules",
+        "terrace_router_request_duration_seconds_bucket",
+    ):
         assert metric in exprs
     operator = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     assert operator["image"].startswith("registry.example.com/")
@@ -112,30 +140,43 @@ def test_defaults_are_secure_and_agent_is_off() -> None:
 
 
 def test_agent_is_privileged_only_for_real_nvml() -> None:
-    real = by_kind(render("--set", "agent.enabled=true"), "DaemonSet")[0]["spec"]["template"]["spec"]
+    real = by_kind(render("--set", "agent.enabled=true"), "DaemonSet")[0]["spec"]["template"][
+        "spec"
+    ]
     assert real["containers"][0]["securityContext"] == {"privileged": True}
     assert real["nodeSelector"] == {"terrace.dev/accelerator": "nvidia"}
-    fake = by_kind(render("--set", "agent.enabled=true", "--set", "agent.fakeGpus=1"),
-                   "DaemonSet")[0]["spec"]["template"]["spec"]["containers"][0]
-    assert "privileged" not in fake["securityContext"] and fake["securityContext"]["runAsNonRoot"] is True
+    fake = by_kind(render("--set", "agent.enabled=true", "--set", "agent.fakeGpus=1"), "DaemonSet")[
+        0
+    ]["spec"]["template"]["spec"]["containers"][0]
+    assert (
+        "privileged" not in fake["securityContext"]
+        and fake["securityContext"]["runAsNonRoot"] is True
+    )
     assert "--fake-gpus=1" in fake["args"]
 
 
 def test_rendered_rbac_is_the_operators_rules() -> None:
-    role = next(d for d in by_kind(render(), "ClusterRole") if d["metadata"]["name"].endswith("-operator"))
+    role = next(
+        d for d in by_kind(render(), "ClusterRole") if d["metadata"]["name"].endswith("-operator")
+    )
     source = yaml.safe_load((ROOT / "operator/terrace_operator/rbac/clusterrole.yaml").read_text())
     assert role["rules"] == source["rules"]
 
 
-@pytest.mark.parametrize(("values", "complaint"), [
-    (["--set-string", "operator.tickSeconds=15"], "tickSeconds"),
-    (["--set", "operator.tickSeconds=0"], "tickSeconds"),
-    (["--set", "operator.bogus=1"], "bogus"),
-    (["--set", "agent.fakeModel=h200x"], "fakeModel"),
-    (["--set", "operator.prometheusUrl=prometheus:9090"], "prometheusUrl"),
-])
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        (["--set-string", "operator.tickSeconds=15"], "tickSeconds"),
+        (["--set", "operator.tickSeconds=0"], "tickSeconds"),
+        (["--set", "operator.bogus=1"], "bogus"),
+        (["--set", "agent.fakeModel=h200x"], "fakeModel"),
+        (["--set", "operator.prometheusUrl=prometheus:9090"], "prometheusUrl"),
+    ],
+)
 def test_bad_values_are_refused_by_the_schema(values: list[str], complaint: str) -> None:
     out = helm("template", "t", str(CHART), *values, check=False)
     assert out.returncode != 0
-    assert "values don't meet the specifications of the schema" in out.stderr or "schema" in out.stderr
+    assert (
+        "values don't meet the specifications of the schema" in out.stderr or "schema" in out.stderr
+    )
     assert complaint in out.stderr, out.stderr

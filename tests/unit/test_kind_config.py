@@ -37,12 +37,26 @@ def kind_create(config: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     shim.mkdir(exist_ok=True)
     (shim / "docker").write_text(FAKE_DOCKER)
     (shim / "docker").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "KIND_EXPERIMENTAL_PROVIDER": "docker",
-           "HOME": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PATH": f"{shim}:{os.environ['PATH']}",
+        "KIND_EXPERIMENTAL_PROVIDER": "docker",
+        "HOME": str(tmp_path),
+    }
     return subprocess.run(
-        [str(tools_dir() / "kind"), "create", "cluster", "--config", str(config),
-         "--kubeconfig", str(tmp_path / "kubeconfig")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            str(tools_dir() / "kind"),
+            "create",
+            "cluster",
+            "--config",
+            str(config),
+            "--kubeconfig",
+            str(tmp_path / "kubeconfig"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
@@ -58,7 +72,12 @@ def test_kind_accepts_our_config(tmp_path: Path) -> None:
         (lambda s: s.replace("role: worker", "rol: worker", 1), "rol"),
         (lambda s: s.replace("hostPort: 8080", "hostPort: eighty"), "eighty"),
         (lambda s: s.replace("role: worker", "role: foreman", 1), "foreman"),
-        (lambda s: s.replace("apiVersion: kind.x-k8s.io/v1alpha4", "apiVersion: kind.x-k8s.io/v9"), "v9"),
+        (
+            lambda s: s.replace(
+                "apiVersion: kind.x-k8s.io/v1alpha4", "apiVersion: kind.x-k8s.io/v9"
+            ),
+            "v9",
+        ),
     ],
 )
 def test_kind_rejects_a_broken_config(tmp_path: Path, mutation, complaint: str) -> None:

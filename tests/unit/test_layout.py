@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["terrace-operator", "terrace-router", "terrace-runtime", "terrace-agent", "terrace-classifier"]
+SCRIPTS = [
+    "terrace-operator",
+    "terrace-router",
+    "terrace-runtime",
+    "terrace-agent",
+    "terrace-classifier",
+]
 
 
 def test_source_folders_are_not_packages() -> None:
@@ -25,8 +31,13 @@ def test_stdlib_operator_survives_repo_root_on_sys_path() -> None:
         "import operator; assert operator.itemgetter(1)([0, 7]) == 7, operator.__file__;"
         "print(operator.__file__)"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "site-packages" not in out.stdout and str(ROOT) not in out.stdout, out.stdout
 
 
