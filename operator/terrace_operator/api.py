@@ -182,6 +182,7 @@ class Auth(_Model):
 class RouterService(_Model):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     port: int = Field(default=8080, ge=1, le=65535)
+    node_port: int | None = Field(default=None, ge=30000, le=32767)
 
 
 class TierRouterSpec(_Model):

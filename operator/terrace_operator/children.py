@@ -536,6 +536,7 @@ def router_service(owner: Owner, spec: TierRouterSpec) -> dict:
                         "port": spec.service.port,
                         "targetPort": "http",
                         "protocol": "TCP",
+                        **({"nodePort": spec.service.node_port} if spec.service.node_port else {}),
                     }
                 ],
             },

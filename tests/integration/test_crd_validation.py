@@ -261,6 +261,11 @@ REFUSED = [
         "spec.escalation.maxAttempts: Invalid value: 0",
     ),
     (
+        "router-nodeport-on-clusterip",
+        spec(ROUTER, service={"type": "ClusterIP", "nodePort": 30080}),
+        "service.nodePort needs service.type NodePort or LoadBalancer",
+    ),
+    (
         "escalation-logprob-float",
         spec(ROUTER, escalation={"minMeanLogprob": -2.5}),
         "spec.escalation.minMeanLogprob: Invalid value: \"number\"",
