@@ -205,13 +205,16 @@ def test_cluster_up_is_idempotent_and_down_leaves_nothing(tmp_path: Path, cluste
     env = {**os.environ, "TERRACE_CLUSTER_DIR": ""}
     cli = [sys.executable, str(ROOT / "hack" / "devcluster.py")]
     state = tmp_path / "c"
-    first = subprocess.run(
-        [*cli, "up", "--dir", str(state)], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert first.returncode == 0, first.stderr
-    pids = [int(p.read_text().split()[0]) for p in (state / "pids").glob("*.pid")]
-    assert len(pids) == 6
+    pids: list[int] = []
     try:
+        # Everything after the first `up` is inside the try: whatever fails,
+        # `down` still stops what it started.
+        first = subprocess.run(
+            [*cli, "up", "--dir", str(state)], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert first.returncode == 0, first.stderr
+        pids = [int(p.read_text().split()[0]) for p in (state / "pids").glob("*.pid")]
+        assert len(pids) == 6
         second = subprocess.run(
             [*cli, "up", "--dir", str(state)], capture_output=True, text=True, env=env, timeout=120
         )
