@@ -440,23 +440,11 @@ async def completions(request: Request) -> Response:
                 yield _stream_error(exc)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(
-            stream(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _sse_response(stream())
 
-    try:
-        async for c, event in _merged(engine, choices):
-            if isinstance(event, TokenEvent):
-                c.add(event)
-            else:
-                c.close(event)
-    except Exception as exc:
-        return _error_response(
-            state,
-            APIError(500, f"generation failed: {exc}", type_="server_error", kind="inference"),
-        )
+    failed = await _collect(engine, choices, state)
+    if failed is not None:
+        return failed
     return json_response(
         {
             "id": rid,
@@ -574,23 +562,11 @@ async def chat_completions(request: Request) -> Response:
                 yield _stream_error(exc)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(
-            stream(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _sse_response(stream())
 
-    try:
-        async for c, event in _merged(engine, choices):
-            if isinstance(event, TokenEvent):
-                c.add(event)
-            else:
-                c.close(event)
-    except Exception as exc:
-        return _error_response(
-            state,
-            APIError(500, f"generation failed: {exc}", type_="server_error", kind="inference"),
-        )
+    failed = await _collect(engine, choices, state)
+    if failed is not None:
+        return failed
     return json_response(
         {
             "id": rid,
@@ -639,3 +615,27 @@ def routes() -> list[Route]:
             methods=["POST"],
         ),
     ]
+
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _collect(engine, choices, state) -> Response | None:
+    """Run every choice to its end; an error response if generation failed, else None."""
+    try:
+        async for c, event in _merged(engine, choices):
+            if isinstance(event, TokenEvent):
+                c.add(event)
+            else:
+                c.close(event)
+    except Exception as exc:
+        return _error_response(
+            state,
+            APIError(500, f"generation failed: {exc}", type_="server_error", kind="inference"),
+        )
+    return None
