@@ -1,8 +1,8 @@
 """Dynamic batching for tensor models.
 
-Requests wait in a bounded queue; one loop on the event loop forms batches
+Requests wait in a bounded queue; callbacks on the event loop form batches
 (up to `max_batch_size` rows, waiting at most `max_wait_s` after the oldest
-request arrived for more to come) and hands each batch to a single worker
+request arrived for more to come) and hand each batch to a single worker
 thread, so inference never blocks the event loop. While the worker computes,
 new requests pile up and form the next batch: under load batches grow by
 themselves even with `max_wait_s = 0` (Triton's default too).
@@ -15,11 +15,12 @@ cannot fail its neighbours.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,19 +87,21 @@ class TensorBatcher:
         self._executor = executor
         self._metrics = metrics
         self._queue: deque[_Pending] = deque()
-        self._arrived = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._busy = False  # a batch is with the worker
         self._closed = False
         self._batch_seconds = 0.01  # running average, for Retry-After
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="tensor-batcher")
+        self._loop = asyncio.get_running_loop()
+        self._dispatch()
 
     async def stop(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
@@ -123,7 +126,7 @@ class TensorBatcher:
             asyncio.get_running_loop().create_future()
         )
         self._queue.append(_Pending(inputs, outputs, rows, key, future))
-        self._arrived.set()
+        self._dispatch()
         result, joules = await future
         return BatchResult(result, joules)
 
@@ -134,41 +137,87 @@ class TensorBatcher:
                 rows += p.rows
         return rows
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
+    # Scheduling runs in plain callbacks on the event loop (on arrival, on a
+    # batch's completion, on the max-wait timer) rather than in a task of its
+    # own: at batch 1 each extra task step and future hop between the loop and
+    # the worker thread showed up in the server's latency.
+
+    def _dispatch(self) -> None:
+        """Hand the next batch to the worker, unless one is running or the head
+        may still wait for company."""
+        if self._busy or self._closed or self._loop is None:
+            return
+        while self._queue:
             head = self._queue[0]
             if head.future.done():  # the client went away while queued
                 self._queue.popleft()
                 continue
-            if self._batchable and self.max_wait_s > 0:
-                deadline = head.enqueued + self.max_wait_s
-                while self._compatible_rows(head) < self.max_batch_size:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._arrived.clear()
-                    try:
-                        await asyncio.wait_for(self._arrived.wait(), remaining)
-                    except TimeoutError:
-                        break
+            if (
+                self._batchable
+                and self.max_wait_s > 0
+                and self._compatible_rows(head) < self.max_batch_size
+            ):
+                delay = head.enqueued + self.max_wait_s - time.monotonic()
+                if delay > 0:
+                    if self._timer is None:
+                        self._timer = self._loop.call_later(delay, self._on_timer)
+                    return
             batch = self._take(head)
-            if not batch:
+            if batch:
+                self._submit(batch)
+                return
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _submit(self, batch: list[_Pending]) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        started = time.monotonic()
+        wait = self._metrics.child(self._metrics.queue_wait)
+        for p in batch:
+            wait.observe(started - p.enqueued)
+        loop = self._loop
+        try:
+            work = self._executor.submit(self._compute, batch)
+        except RuntimeError:  # the executor is shut down: so is the runtime
+            self._closed = True
+            self._finish(batch, [BatcherClosed("the runtime is shutting down")] * len(batch))
+            return
+        self._busy = True
+
+        def done(work: Future[list[tuple[dict[str, np.ndarray], float] | BaseException]]) -> None:
+            # In the worker thread: one wake-up of the loop answers the whole batch.
+            results: Sequence[tuple[dict[str, np.ndarray], float] | BaseException]
+            try:
+                results = work.result()
+            except CancelledError:  # the executor shut down before it ran
+                results = [BatcherClosed("the runtime is shutting down")] * len(batch)
+            except BaseException as exc:
+                results = [exc] * len(batch)
+            # RuntimeError: the loop is closed, so nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._finish, batch, results)
+
+        work.add_done_callback(done)
+
+    def _finish(
+        self,
+        batch: list[_Pending],
+        results: Sequence[tuple[dict[str, np.ndarray], float] | BaseException],
+    ) -> None:
+        self._busy = False
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
                 continue
-            started = time.monotonic()
-            for p in batch:
-                self._metrics.child(self._metrics.queue_wait).observe(started - p.enqueued)
-            results = await loop.run_in_executor(self._executor, self._compute, batch)
-            for pending, result in zip(batch, results, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result(result)
+            if isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+        self._dispatch()
 
     def _take(self, head: _Pending) -> list[_Pending]:
         """Remove and return the next batch: the head plus compatible followers, in order."""
