@@ -312,23 +312,35 @@ def runtime_deployment(owner: Owner, spec: ModelTierSpec, settings: OperatorSett
 
 def tier_service(owner: Owner, spec: ModelTierSpec) -> dict:
     name = owner.name
+    return _http_service(
+        owner,
+        tier_labels(name),
+        tier_selector(name),
+        "ClusterIP",
+        TIER_SERVICE_PORT,
+        RUNTIME_PORT_NAME,
+    )
+
+
+def _http_service(
+    owner: Owner,
+    labels: dict[str, str],
+    selector: dict[str, str],
+    type_: str,
+    port: int,
+    target_port: str,
+    node_port: int | None = None,
+) -> dict:
+    """A Service with one TCP port named `http`, as both tiers and routers have."""
+    http = {"name": "http", "port": port, "targetPort": target_port, "protocol": "TCP"}
+    if node_port:
+        http["nodePort"] = node_port
     return _finish(
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": _meta(owner, name, tier_labels(name)),
-            "spec": {
-                "type": "ClusterIP",
-                "selector": tier_selector(name),
-                "ports": [
-                    {
-                        "name": "http",
-                        "port": TIER_SERVICE_PORT,
-                        "targetPort": RUNTIME_PORT_NAME,
-                        "protocol": "TCP",
-                    }
-                ],
-            },
+            "metadata": _meta(owner, owner.name, labels),
+            "spec": {"type": type_, "selector": selector, "ports": [http]},
         }
     )
 
@@ -522,25 +534,14 @@ def router_deployment(owner: Owner, spec: TierRouterSpec, settings: OperatorSett
 
 def router_service(owner: Owner, spec: TierRouterSpec) -> dict:
     name = owner.name
-    return _finish(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": _meta(owner, name, router_labels(name)),
-            "spec": {
-                "type": spec.service.type,
-                "selector": router_selector(name),
-                "ports": [
-                    {
-                        "name": "http",
-                        "port": spec.service.port,
-                        "targetPort": "http",
-                        "protocol": "TCP",
-                        **({"nodePort": spec.service.node_port} if spec.service.node_port else {}),
-                    }
-                ],
-            },
-        }
+    return _http_service(
+        owner,
+        router_labels(name),
+        router_selector(name),
+        spec.service.type,
+        spec.service.port,
+        "http",
+        spec.service.node_port,
     )
 
 
