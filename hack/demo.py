@@ -78,6 +78,10 @@ class Demo:
     cluster: Cluster
     models_dir: Path = ROOT / ".cache" / "models"
     tick_seconds: int = 3
+    # Helm release and its namespace (the e2e test uses its own, so it never
+    # meets objects other tests left under the default names).
+    release: str = "terrace"
+    system_ns: str = SYSTEM_NS
     runner: PodRunner | None = None
     router_url: str = ""
     events_seen: set[str] = field(default_factory=set)
@@ -108,10 +112,10 @@ class Demo:
         self.helm(
             "upgrade",
             "--install",
-            "terrace",
+            self.release,
             str(ROOT / "charts" / "terrace"),
             "-n",
-            SYSTEM_NS,
+            self.system_ns,
             "--create-namespace",
             "--wait",
             "--timeout",
@@ -127,7 +131,7 @@ class Demo:
             "--set",
             "agent.fakeModel=h100",
         )
-        print(self.cluster.kubectl("get", "pods", "-n", SYSTEM_NS, "-o", "wide").stdout, end="")
+        print(self.cluster.kubectl("get", "pods", "-n", self.system_ns, "-o", "wide").stdout, end="")
 
     def apply_samples(self) -> None:
         self.cluster.kubectl("create", "namespace", NS, check=False)
@@ -143,7 +147,7 @@ class Demo:
 
     def run_pods(self) -> None:
         self.runner = PodRunner(
-            self.cluster, [SYSTEM_NS, NS], self.models_dir, self.cluster.dir / "pods"
+            self.cluster, [self.system_ns, NS], self.models_dir, self.cluster.dir / "pods"
         )
         self.runner.start()
 

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "hack"))
-from demo import EASY, HARD, NS, SYSTEM_NS, Demo  # noqa: E402
+from demo import EASY, HARD, NS, Demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def demo(cluster, tmp_path_factory):
         check=True,
         capture_output=True,
     )
-    d = Demo(cluster, models_dir=models, tick_seconds=2)
+    d = Demo(cluster, models_dir=models, tick_seconds=2, release="terrace-e2e", system_ns="terrace-e2e")
     try:
         d.install()
         d.apply_samples()
@@ -109,13 +109,13 @@ def test_energy_per_request_is_reported(demo) -> None:
 
 def test_uninstall_cleans_up(demo) -> None:
     demo.stop()
-    demo.helm("uninstall", "terrace", "-n", SYSTEM_NS, "--wait", "--timeout", "120s")
+    demo.helm("uninstall", demo.release, "-n", demo.system_ns, "--wait", "--timeout", "120s")
     left = demo.cluster.kubectl(
         "get",
         "deployments,daemonsets,serviceaccounts,clusterroles,clusterrolebindings",
         "-A",
         "-l",
-        "app.kubernetes.io/instance=terrace",
+        f"app.kubernetes.io/instance={demo.release}",
         "-o",
         "name",
     ).stdout.split()
