@@ -111,7 +111,11 @@ class PodRunner:
         wanted: dict[str, Any] = {}
         for ns in self.namespaces:
             for pod in self.core.list_namespaced_pod(ns).items:
-                if self._program(pod) and pod.metadata.deletion_timestamp is None and _ready(pod):
+                if (
+                    self._program(pod)
+                    and pod.metadata.deletion_timestamp is None
+                    and pod.status.phase == "Running"
+                ):
                     wanted[pod.metadata.uid] = pod
         for uid in [u for u in self.pods if u not in wanted]:
             self._kill(uid)
@@ -128,9 +132,15 @@ class PodRunner:
                 local = None
             if local is None:
                 self._launch(pod)
+                # Like a kubelet's readiness probe: the pod is Ready only once
+                # its process answers (kwok marked it Ready at once). So the
+                # Deployment's readyReplicas are honest, and a scale-down
+                # removes a pod that is still loading, not one that serves.
+                self._set_ready(self.pods[uid], False)
         for local in self.pods.values():
-            if not local.ready:
-                local.ready = _answers(local)
+            if not local.ready and _answers(local):
+                local.ready = True
+                self._set_ready(local, True)
         for local in self.pods.values():
             if local.program == "terrace-router":
                 self._render_router_config(local)
@@ -233,6 +243,18 @@ class PodRunner:
             local.url,
             local.proc.pid,
         )
+
+    def _set_ready(self, local: LocalPod, ready: bool) -> None:
+        status = "True" if ready else "False"
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        conditions = [{"type": t, "status": status, "lastTransitionTime": now}
+                      for t in ("Ready", "ContainersReady")]
+        try:
+            self.core.patch_namespaced_pod_status(
+                local.name, local.namespace, {"status": {"conditions": conditions}})
+        except client.ApiException as e:
+            if e.status != 404:  # a pod deleted meanwhile needs no status
+                raise
 
     def _runtime_argv(self, argv: list[str], port: int) -> list[str]:
         argv = _set_flag(_set_flag(argv, "--port", str(port)), "--host", "127.0.0.1")
@@ -382,8 +404,6 @@ class PodRunner:
         )
 
 
-def _ready(pod: Any) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
 
 
 def _answers(local: LocalPod) -> bool:
