@@ -166,6 +166,20 @@ class Demo:
         self.runner.wait_ready(up, timeout=240)
         router = next(p for p in self.runner.pods.values() if p.program == "terrace-router")
         self.router_url = router.url
+        # The router re-reads its table once a second: wait until the table it
+        # serves names a live endpoint for every tier, not a placeholder.
+        from podrunner import NO_ENDPOINT
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            table = router.router_config
+            if (
+                table.exists()
+                and NO_ENDPOINT not in table.read_text()
+                and time.time() - table.stat().st_mtime > 2.5
+            ):
+                break
+            time.sleep(0.5)
         print(
             table(
                 ["pod", "program", "local address"],
