@@ -172,11 +172,11 @@ class Demo:
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            table = router.router_config
+            routing = router.router_config
             if (
-                table.exists()
-                and NO_ENDPOINT not in table.read_text()
-                and time.time() - table.stat().st_mtime > 2.5
+                routing.exists()
+                and NO_ENDPOINT not in routing.read_text()
+                and time.time() - routing.stat().st_mtime > 2.5
             ):
                 break
             time.sleep(0.5)
