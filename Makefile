@@ -20,7 +20,7 @@ deps: python tools system-deps
 
 python: $(STAMPS)/python
 $(STAMPS)/python: pyproject.toml
-	$(PYTHON) -m pip install -q -e ".[torch,gpu,dev]"
+	$(PYTHON) -m pip install -q -e ".[torch,gpu,dev,train]"
 	@mkdir -p $(STAMPS) && touch $@
 
 tools:

@@ -5,8 +5,10 @@
 What is real and what is modelled:
 
 * REAL (Terrace's own decision code, called as the operator and router call
-  it): the router's complexity classifier (`Classifier.load("builtin")`) on
-  real MMLU prompts from ../shared/data/routing/mmlu_routing.jsonl, its
+  it): the router's complexity classifier on real MMLU prompts from
+  ../shared/data/routing/mmlu_routing.jsonl, scored out of sample (each
+  prompt by a classifier trained with the built-in recipe on the other
+  subjects: 10 leave-subjects-out folds, evaluation.out_of_fold_scores), its
   rolling-quantile calibration (`ShareCalibrator.route`) per request, the
   operator's replica decision (`terrace_operator.scaling.decide`) and power
   policy (`terrace_operator.power.decide_power`) every 15 s tick (the
@@ -114,12 +116,20 @@ def load_prompts(limit: int | None = None) -> tuple[list[str], np.ndarray, np.nd
     return prompts, np.array(small), np.array(large)
 
 
-def score_prompts(prompts: list[str]) -> np.ndarray:
-    from terrace_router.classifier import Classifier
+def score_prompts(limit: int | None = None) -> np.ndarray:
+    """Out-of-fold scores: each prompt scored by a classifier trained, with the
+    built-in recipe, on the other subjects only (10 leave-subjects-out folds),
+    so the simulated quality is not in-sample."""
+    from terrace_router.classifier import Classifier, evaluation, training
+    from terrace_router.classifier.builder import training_inputs
 
     clf = Classifier.load("builtin")
-    # score_many: the same ONNX model as the router's per-request score(), one call
-    return np.asarray(clf.score_many(prompts), dtype=float)
+    rows = training.load_rows(DATA)
+    if limit:
+        rows = rows[:limit]
+    inputs = training_inputs([r.prompt for r in rows], clf.encoder)
+    config = training.TrainConfig(**clf.metadata["train"]["config"])
+    return evaluation.out_of_fold_scores(rows, inputs, config)
 
 
 def route_requests(scores: np.ndarray, idx: np.ndarray, share: float) -> np.ndarray:
@@ -268,7 +278,7 @@ def run(args: argparse.Namespace) -> dict:
     n_req = int(counts.sum())
     second_of = np.repeat(np.arange(DAY), counts)
     prompts, small_ok, large_ok = load_prompts(args.prompts)
-    scores = score_prompts(prompts)
+    scores = score_prompts(args.prompts)
     idx = rng.integers(0, len(prompts), n_req)
     tiers = route_requests(scores, idx, args.large_share)
     jitter = rng.lognormal(0.0, WORKLOAD["jitter_sigma"], n_req)

@@ -3,8 +3,14 @@ versus LiteLLM's proxy in front of the same stub backend, in one run.
 
     python bench/router.py [--duration 5] [--requests 2000] [--skip-litellm]
 
-Prints a table; the last line is a JSON object with classifier_p99_us,
-added_p50_ms, added_p99_ms, rps and litellm_rps (null when LiteLLM's proxy
+Two prompt sets go through the router: exam-shaped prompts from the shared
+MMLU data (the classifier's sentence encoder runs on every one) and
+chat-shaped prompts (scored by the classifier's prior, no encoder).
+
+Prints a table; the last line is a JSON object with classifier_p99_us (exam
+prompts of 2,000 characters), classifier_p99_us_by_size, added_p50_ms,
+added_p99_ms and rps (exam prompts), chat (the same for chat prompts),
+ratio_rps_exam / ratio_rps_chat and litellm_rps (null when LiteLLM's proxy
 is not installed: `pip install 'litellm[proxy]'`, or point --litellm-bin at
 a `litellm` executable from another environment).
 
@@ -328,6 +334,7 @@ def _load(
 
 
 def _prompts(n: int = 200) -> list[str]:
+    """Exam-shaped prompts (the shared MMLU rows): the classifier runs its encoder."""
     rows = []
     if DATA.exists():
         with DATA.open() as fh:
@@ -338,32 +345,66 @@ def _prompts(n: int = 200) -> list[str]:
     return prompts or ["What is 2 + 2?", "Prove that there are infinitely many primes." * 10]
 
 
-def bench_classifier(prompts: list[str], calls: int) -> dict:
-    """Wall time per score() call, and its CPU time (the same call, minus any
-    time the OS gave the core to someone else)."""
+# Chat-shaped prompts, unlike the exam questions the built-in classifier was
+# trained on: it scores them by its domain-free prior, without the encoder.
+_CHAT_TOPICS = ("a rainy afternoon", "the history of the bicycle", "sourdough bread",
+                "black holes", "a job interview", "the French Revolution", "TCP congestion "
+                "control", "a birthday party for a six-year-old", "compound interest",
+                "the water cycle")
+_CHAT_ASKS = ("Write a short poem about {}.", "Explain {} to a ten-year-old.",
+              "Give me three fun facts about {}.", "Summarise what matters most about {}.",
+              "What should I know before reading about {}?")
+
+
+def _chat_prompts() -> list[str]:
+    return [ask.format(topic) for topic in _CHAT_TOPICS for ask in _CHAT_ASKS]
+
+
+def _sized(texts: list[str], chars: int) -> list[str]:
+    """Each text brought to `chars` characters: cut, or its body repeated
+    before its last line (for an exam prompt: the choices stay at the end)."""
+    out = []
+    for t in texts:
+        head, _, last = t.rpartition("\n") if "\n" in t else (t, "", "")
+        tail = ("\n" + last) if last else ""
+        body = (head + " ") * (chars // max(len(head) + 1, 1) + 1)
+        out.append(body[: max(chars - len(tail), 1)] + tail)
+    return out
+
+
+def bench_classifier(exam: list[str], calls: int) -> list[dict]:
+    """Wall and CPU time per score() call on one thread, by prompt size and
+    kind, and the share of calls that ran the sentence encoder."""
     from terrace_router.classifier import Classifier
 
     clf = Classifier.load("builtin")
-    texts = prompts + ["x" * 2000, ("The quick brown fox jumps over the lazy dog. " * 45)[:2000]]
-    for t in texts[:50]:
-        clf.score(t)
-    wall, cpu = [], []
-    for i in range(calls):
-        t = texts[i % len(texts)]
-        c0 = time.thread_time_ns()
-        t0 = time.perf_counter_ns()
-        clf.score(t)
-        wall.append(time.perf_counter_ns() - t0)
-        cpu.append(time.thread_time_ns() - c0)
-    wall.sort()
-    cpu.sort()
-    p99 = int(len(wall) * 0.99)
-    return {
-        "p50_us": wall[len(wall) // 2] / 1000,
-        "p99_us": wall[p99] / 1000,
-        "cpu_p99_us": cpu[p99] / 1000,
-        "max_chars": max(len(t) for t in texts),
-    }
+    short_exam = [p for p in exam if 60 <= len(p) <= 160] or exam
+    out = []
+    for kind, base in (("exam", exam), ("chat", _chat_prompts())):
+        for chars in (100, 2000, 8000):
+            texts = (short_exam if kind == "exam" else base) if chars == 100 else _sized(
+                base, chars)
+            for t in texts[:20]:
+                clf.score(t)
+            wall, cpu = [], []
+            for i in range(calls):
+                t = texts[i % len(texts)]
+                c0 = time.thread_time_ns()
+                t0 = time.perf_counter_ns()
+                clf.score(t)
+                wall.append(time.perf_counter_ns() - t0)
+                cpu.append(time.thread_time_ns() - c0)
+            wall.sort()
+            cpu.sort()
+            p99 = int(len(wall) * 0.99)
+            encoded = sum(clf.needs_encoder(clf.features(t)) for t in texts) / len(texts)
+            out.append({
+                "kind": kind, "chars": chars,
+                "mean_chars": sum(len(t) for t in texts) / len(texts),
+                "p50_us": wall[len(wall) // 2] / 1000, "p99_us": wall[p99] / 1000,
+                "cpu_p99_us": cpu[p99] / 1000, "encoder_share": encoded,
+            })
+    return out
 
 
 def _router_config(stub: str, tmp: Path) -> Path:
@@ -466,10 +507,10 @@ def main() -> None:
         prompts_file = tmp / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
 
-        def latency(port: int, n: int) -> dict:
+        def latency(port: int, n: int, file: Path = prompts_file) -> dict:
             return _load(
                 other_cpus,
-                prompts_file,
+                file,
                 port,
                 "latency",
                 180,
@@ -478,7 +519,7 @@ def main() -> None:
                 seconds=90,
             )
 
-        def max_rps(pid: int, port: int) -> tuple[float, float, str]:
+        def max_rps(pid: int, port: int, file: Path = prompts_file) -> tuple[float, float, str]:
             """Best closed-loop req/s over the connection counts, and req per
             CPU-second of the server (immune to other load on the machine)."""
             best, best_per_cpu, best_conns, errors = 0.0, 0.0, 0, ""
@@ -486,7 +527,7 @@ def main() -> None:
                 cpu0 = _tree_cpu_seconds(pid)
                 r = _load(
                     other_cpus,
-                    prompts_file,
+                    file,
                     port,
                     "throughput",
                     args.duration + 60,
@@ -504,16 +545,17 @@ def main() -> None:
             return best, best_per_cpu, f"{best_conns} conns{errors}"
 
         try:
-            clf = bench_classifier(prompts, args.classifier_calls)
-            rows.append(
-                (
-                    f"classifier score p50 / p99 (prompts <= {clf['max_chars']} chars)",
-                    f"{clf['p50_us']:.1f} / {clf['p99_us']:.1f} us "
-                    f"(CPU time p99 {clf['cpu_p99_us']:.1f} us)",
-                )
-            )
-            result["classifier_p99_us"] = round(clf["p99_us"], 1)
-            result["classifier_cpu_p99_us"] = round(clf["cpu_p99_us"], 1)
+            sizes = bench_classifier(prompts, args.classifier_calls)
+            for r in sizes:
+                rows.append((
+                    f"classifier score p50 / p99, {r['kind']} prompts of ~{r['mean_chars']:.0f} "
+                    f"chars", f"{r['p50_us']:.0f} / {r['p99_us']:.0f} us (CPU p99 "
+                    f"{r['cpu_p99_us']:.0f} us; encoder ran on {r['encoder_share']:.0%})"))
+            at_2000 = next(r for r in sizes if r["kind"] == "exam" and r["chars"] == 2000)
+            result["classifier_p99_us"] = round(at_2000["p99_us"], 1)
+            result["classifier_cpu_p99_us"] = round(at_2000["cpu_p99_us"], 1)
+            result["classifier_p99_us_by_size"] = {
+                f"{r['kind']}_{r['chars']}": round(r["p99_us"], 1) for r in sizes}
 
             stub_port = _free_port()
             stub_log = tmp / "stub.log"
@@ -524,62 +566,65 @@ def main() -> None:
             _wait_http(stub_port, "/v1/models", stub, 30, stub_log)
             stub_url = f"http://127.0.0.1:{stub_port}"
 
-            router_port = _free_port()
-            router_log = tmp / "router.log"
-            router = procs.start(
-                _pin(server_cpu)
-                + [
-                    shutil.which("terrace-router") or "terrace-router",
-                    "serve",
-                    "--config",
-                    str(_router_config(stub_url, tmp)),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(router_port),
-                    "--log-level",
-                    "warning",
-                ],
-                router_log,
-                env=dict(os.environ, TERRACE_BENCH_KEYS=BENCH_KEY),
-            )
-            _wait_http(router_port, "/readyz", router, 120, router_log)
+            chat_file = tmp / "chat.json"
+            chat_file.write_text(json.dumps(_chat_prompts()))
+            direct = latency(stub_port, args.requests, prompts_file)
+            rows.append(("stub direct latency p50 / p99",
+                         f"{direct['p50_ms']:.3f} / {direct['p99_ms']:.3f} ms"))
+            per_set: dict[str, dict] = {}
+            for set_name, set_file in (("exam", prompts_file), ("chat", chat_file)):
+                router_port = _free_port()
+                router_log = tmp / "router.log"
+                router = procs.start(
+                    _pin(server_cpu)
+                    + [
+                        shutil.which("terrace-router") or "terrace-router",
+                        "serve",
+                        "--config",
+                        str(_router_config(stub_url, tmp)),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(router_port),
+                        "--log-level",
+                        "warning",
+                    ],
+                    router_log,
+                    env=dict(os.environ, TERRACE_BENCH_KEYS=BENCH_KEY),
+                )
+                _wait_http(router_port, "/readyz", router, 120, router_log)
 
-            direct = latency(stub_port, args.requests)
-            cpu0 = _tree_cpu_seconds(router.pid)
-            via = latency(router_port, args.requests)
-            cpu_per_req_us = (
-                1e6
-                * (_tree_cpu_seconds(router.pid) - cpu0)
-                / (args.requests + min(200, args.requests // 5))
-            )
-            added_p50 = via["p50_ms"] - direct["p50_ms"]
-            added_p99 = via["p99_ms"] - direct["p99_ms"]
-            rows.append(
-                (
-                    "stub direct latency p50 / p99",
-                    f"{direct['p50_ms']:.3f} / {direct['p99_ms']:.3f} ms",
+                cpu0 = _tree_cpu_seconds(router.pid)
+                via = latency(router_port, args.requests, set_file)
+                cpu_per_req_us = (
+                    1e6
+                    * (_tree_cpu_seconds(router.pid) - cpu0)
+                    / (args.requests + min(200, args.requests // 5))
                 )
-            )
-            rows.append(
-                (
-                    "via terrace-router latency p50 / p99",
-                    f"{via['p50_ms']:.3f} / {via['p99_ms']:.3f} ms",
+                rps, rps_cpu, rps_detail = max_rps(router.pid, router_port, set_file)
+                procs.stop(router)
+                per_set[set_name] = dict(
+                    added_p50_ms=round(via["p50_ms"] - direct["p50_ms"], 3),
+                    added_p99_ms=round(via["p99_ms"] - direct["p99_ms"], 3),
+                    rps=round(rps, 1),
+                    rps_per_cpu_second=round(rps_cpu, 1),
+                    cpu_per_request_us=round(cpu_per_req_us, 1),
                 )
-            )
-            rows.append(("terrace-router added p50 / p99", f"{added_p50:.3f} / {added_p99:.3f} ms"))
-            rows.append(("terrace-router CPU per request", f"{cpu_per_req_us:.0f} us"))
-            rps, rps_cpu, rps_detail = max_rps(router.pid, router_port)
-            rows.append(("terrace-router max req/s, pinned to 1 core", f"{rps:.0f} ({rps_detail})"))
-            rows.append(("terrace-router req per CPU-second", f"{rps_cpu:.0f}"))
-            procs.stop(router)
-            result.update(
-                added_p50_ms=round(added_p50, 3),
-                added_p99_ms=round(added_p99, 3),
-                rps=round(rps, 1),
-                rps_per_cpu_second=round(rps_cpu, 1),
-                cpu_per_request_us=round(cpu_per_req_us, 1),
-            )
+                rows.append((f"[{set_name} prompts] via terrace-router latency p50 / p99",
+                             f"{via['p50_ms']:.3f} / {via['p99_ms']:.3f} ms"))
+                rows.append((f"[{set_name} prompts] terrace-router added p50 / p99",
+                             f"{per_set[set_name]['added_p50_ms']:.3f} / "
+                             f"{per_set[set_name]['added_p99_ms']:.3f} ms"))
+                rows.append((f"[{set_name} prompts] terrace-router CPU per request",
+                             f"{cpu_per_req_us:.0f} us"))
+                rows.append((f"[{set_name} prompts] terrace-router max req/s, 1 core",
+                             f"{rps:.0f} ({rps_detail})"))
+                rows.append((f"[{set_name} prompts] terrace-router req per CPU-second",
+                             f"{rps_cpu:.0f}"))
+            # Headline figures: exam prompts, where the encoder runs on every request.
+            result.update(per_set["exam"])
+            result["chat"] = per_set["chat"]
+            rps, rps_cpu = per_set["exam"]["rps"], per_set["exam"]["rps_per_cpu_second"]
 
             litellm_bin = None if args.skip_litellm else _find_litellm(args.litellm_bin)
             if litellm_bin:
@@ -623,12 +668,13 @@ def main() -> None:
                 )
                 rows.append(("litellm proxy req per CPU-second", f"{ll_cpu:.0f}"))
                 if ll_rps and ll_cpu:
-                    rows.append(
-                        (
-                            "throughput terrace / litellm (req/s; per CPU-second)",
-                            f"{rps / ll_rps:.2f}x; {rps_cpu / ll_cpu:.2f}x",
-                        )
-                    )
+                    for set_name, r in per_set.items():
+                        rows.append((
+                            f"throughput terrace ({set_name} prompts) / litellm "
+                            f"(req/s; per CPU-second)",
+                            f"{r['rps'] / ll_rps:.2f}x; {r['rps_per_cpu_second'] / ll_cpu:.2f}x"))
+                    result["ratio_rps_exam"] = round(per_set["exam"]["rps"] / ll_rps, 2)
+                    result["ratio_rps_chat"] = round(per_set["chat"]["rps"] / ll_rps, 2)
                 procs.stop(ll)
                 result.update(
                     litellm_rps=round(ll_rps, 1),

@@ -106,6 +106,7 @@ class Proxy:
         self.current = current
         self.metrics = metrics
         self.client: aiohttp.ClientSession | None = None  # set by the app's lifespan
+        self._scoring = anyio.CapacityLimiter(1)
 
     # -- entry point -------------------------------------------------------
 
@@ -155,9 +156,7 @@ class Proxy:
                     headers["x-terrace-cache"] = "hit"
                     return Response(hit.body, headers=headers, media_type=hit.media_type)
 
-        # Scoring is ~100 us of numpy/onnxruntime: cheaper inline than the
-        # thread hop it would take to move it off the loop.
-        score = float(state.classifier.score(prompt_text(kind, payload)))
+        score = await self._score(state, prompt_text(kind, payload))
         complexity = f"{score:.4f}"
         if auto:
             start = state.route(score)
@@ -175,6 +174,17 @@ class Proxy:
         if stream:
             return await self._stream(state, kind, payload, model, auto, order, complexity, key, t0)
         return await self._unary(state, kind, payload, model, auto, order, complexity, key, t0)
+
+    async def _score(self, state: RouterState, text: str) -> float:
+        """The classifier's score. Shape features run inline (tens of
+        microseconds); the sentence encoder (milliseconds) runs on one worker
+        thread, so the event loop keeps serving and scoring takes one core."""
+        clf = state.classifier
+        features = clf.features(text)
+        if not clf.needs_encoder(features):
+            return clf.score_features(text, features)
+        return await anyio.to_thread.run_sync(clf.score_features, text, features,
+                                              limiter=self._scoring)
 
     # -- non-streaming -----------------------------------------------------
 

@@ -101,18 +101,6 @@ def param_name(payload: Any, loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-# Long prompts are scored on their head and tail: the classifier is built
-# for up to ~2,000 characters and its cost grows with the text.
-_SCORE_HEAD = 2048
-_SCORE_TAIL = 2048
-
-
-def _clip(text: str) -> str:
-    if len(text) <= _SCORE_HEAD + _SCORE_TAIL:
-        return text
-    return text[:_SCORE_HEAD] + "\n" + text[-_SCORE_TAIL:]
-
-
 def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -124,17 +112,20 @@ def _content_text(content: Any) -> str:
 
 
 def prompt_text(kind: str, payload: dict[str, Any]) -> str:
-    """The text the complexity classifier scores: the last user turn (RouteLLM does the same)."""
+    """The text the complexity classifier scores: the last user turn (RouteLLM does the same).
+
+    Whole, not clipped: the classifier owns clipping (classifier.features), so
+    the router and `terrace-classifier score` read a long prompt the same way."""
     if kind == "chat":
         messages = payload["messages"]
         for message in reversed(messages):
             if message.get("role") == "user":
-                return _clip(_content_text(message.get("content")))
-        return _clip(_content_text(messages[-1].get("content")))
+                return _content_text(message.get("content"))
+        return _content_text(messages[-1].get("content"))
     prompt = payload["prompt"]
     if isinstance(prompt, list):
         prompt = prompt[0] if prompt and isinstance(prompt[0], str) else ""
-    return _clip(prompt)
+    return prompt
 
 
 def is_deterministic(payload: dict[str, Any]) -> bool:

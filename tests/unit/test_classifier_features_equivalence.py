@@ -160,17 +160,21 @@ def test_long_random_texts_around_the_clip() -> None:
         assert_same_features("".join(parts))
 
 
-def test_score_equals_a_plain_onnxruntime_run_in_every_thread() -> None:
-    # score() writes into per-thread buffers bound to the session once; it
-    # must give exactly what a plain run on a fresh array gives, also when
-    # threads score at the same time.
+def test_score_equals_the_reference_path_in_every_thread() -> None:
+    # score() (fast features, the encoder only where the shape allows it)
+    # must give exactly what the model formula gives on the reference
+    # features and a plain encoder run, also when threads score at once.
+    from terrace_router.classifier.training import Inputs
+
     clf = Classifier.load("builtin")
     texts = EDGE_CASES + [json.loads(line)["prompt"] for line in
                           DATA.read_text(encoding="utf-8").splitlines()[::97] if line.strip()]
 
     def plain(text: str) -> float:
-        x = np.array([reference_extract(text)], dtype=np.float32)
-        return float(clf._session.run(["score"], {clf._input: x})[0][0, 0])
+        x = np.array([reference_extract(text)], dtype=np.float64)
+        e = (clf.encoder.embed([text]) if clf.model.shape_weight(x)[0] > 0
+             else np.zeros((1, clf.encoder.dim), dtype=np.float32))
+        return float(clf.model.score(Inputs(e, x))[0])
 
     want = [plain(t) for t in texts]
     assert [clf.score(t) for t in texts] == want

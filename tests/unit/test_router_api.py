@@ -430,6 +430,24 @@ def test_easy_prompt_goes_to_first_tier_and_hard_to_last(stubs, servers):
     assert resp.choices[0].message.content == "answer from large"
 
 
+def test_router_scores_a_long_prompt_as_the_cli_does(stubs, servers, capsys):
+    """One owner for clipping: a 20,000-character exam prompt gets the same score
+    from the router as from `terrace-classifier score` (no second clip)."""
+    from terrace_router.classifier import cli
+
+    stem = "A contract dispute arose between a builder and a homeowner over delays. " * 280
+    long = stem[:19950] + "\nA. breach\nB. waiver\nC. estoppel\nD. novation\nAnswer:"
+    assert len(long) > 19_990
+    assert cli.main(["score", long]) == 0
+    expected = float(capsys.readouterr().out)
+    url = serve_router(servers, make_config(stubs, thresholds=[2.0]))
+    headers, _ = chat(client(url), long)
+    assert headers["x-terrace-complexity"] == f"{expected:.4f}"
+    raw = client(url).completions.with_raw_response.create(model="auto", prompt=long,
+                                                           max_tokens=5)
+    assert raw.headers["x-terrace-complexity"] == f"{expected:.4f}"
+
+
 def test_live_calibration_routes_with_the_builtin_classifier(stubs, servers):
     # No pinned thresholds: the calibrator decides. Whatever it picks, the
     # answer comes from a real tier and the header says which.

@@ -4,9 +4,11 @@
     clf = Classifier.load("builtin")      # or a directory from `terrace-classifier train`
     clf.score("Prove that ...")           # float in [0, 1], higher = larger tier
 
-Features (features.py) are extracted in Python; the model is a small ONNX
-graph run by onnxruntime (model.py). Training (training.py, builder.py) and
-evaluation (evaluation.py) use numpy only. See docs/classifier.md.
+A prompt is read twice: shape features in Python (features.py) and an
+all-MiniLM-L6-v2 sentence embedding on onnxruntime (encoder.py). Two
+logistic heads over both, a domain-free prior over length, and how far the
+prompt is from the training data blend into the score (training.py). See
+docs/classifier.md.
 """
 
 from .features import FEATURE_SPEC_VERSION

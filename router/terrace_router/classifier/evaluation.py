@@ -8,29 +8,61 @@
   router approaches 1 (and exceeds it where the large model is worse on some
   prompts).
 
-Cross-validated, on two kinds of split: folds of whole subjects (the `source`
-field; every subject is held out once, and the model never saw it) and folds
-of random rows. Each held-out fold is routed at share s by its own score
-quantile (what the live ShareCalibrator does on new traffic), and the folds'
-correct answers are summed. Baselines at the same shares: random routing
-(its expected quality) and prompt length (longest prompts to the large tier).
+Every figure is out of sample, beside two baselines at the same shares:
+random routing (its expected quality) and prompt length (longest prompts to
+the large tier). Two kinds of split:
+
+- leave-subjects-out: 10 folds of whole subjects (the `source` field); each
+  fold is scored by a model trained on the other nine and routed at share s
+  by its own score quantile (what the live ShareCalibrator does on new
+  traffic). Reported per fold, as the mean and the worst fold, and pooled.
+- leave-category-out: MMLU's own categories; train on the STEM subjects and
+  test on the humanities and social sciences, and the reverse: the stand-in
+  for a domain the model never saw.
+
+Rows of sources with broken labels (training.excluded_sources) are left out
+of the evaluation as they are of training, and the report names them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .training import LinearModel, Row, TrainConfig, fit_rows, labels
+from .training import Inputs, Row, ScoreModel, TrainConfig, excluded_sources, fit_rows, labels
 
 REPORT_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 GRID = np.linspace(0.0, 1.0, 101)
-DEFAULT_FOLDS = 5
+SUBJECT_FOLDS = 10
 SPLIT_SEED = 20240601
+CHECK_MARGIN = 0.05
+
+# MMLU's categories (Hendrycks et al. 2021, the benchmark's own subject
+# table); "other" subjects (business, health, misc.) are in neither side.
+STEM = frozenset((
+    "abstract_algebra", "astronomy", "college_biology", "college_chemistry",
+    "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+    "conceptual_physics", "electrical_engineering", "elementary_mathematics",
+    "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_mathematics", "high_school_physics", "high_school_statistics",
+    "machine_learning",
+))
+HUMANITIES_SOCIAL = frozenset((
+    "formal_logic", "high_school_european_history", "high_school_us_history",
+    "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
+    "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+    "world_religions",
+    "econometrics", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+    "human_sexuality", "professional_psychology", "public_relations", "security_studies",
+    "sociology", "us_foreign_policy",
+))
 
 
-def subject_folds(sources: list[str], k: int = DEFAULT_FOLDS, seed: int = SPLIT_SEED) -> np.ndarray:
+def subject_folds(sources: list[str], k: int = SUBJECT_FOLDS,
+                  seed: int = SPLIT_SEED) -> np.ndarray:
     """Fold index per row; every source's rows share a fold."""
     names = sorted(set(sources))
     if len(names) < k:
@@ -41,35 +73,32 @@ def subject_folds(sources: list[str], k: int = DEFAULT_FOLDS, seed: int = SPLIT_
     return np.array([fold_of[s] for s in sources])
 
 
-def random_folds(n: int, k: int = DEFAULT_FOLDS, seed: int = SPLIT_SEED) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(n) % k
+def category_of(source: str) -> str:
+    subject = source.rsplit("/", 1)[-1]
+    if subject in STEM:
+        return "stem"
+    if subject in HUMANITIES_SOCIAL:
+        return "humanities+social"
+    return "other"
 
 
-def quality_curve(score: np.ndarray, small: np.ndarray, large: np.ndarray, folds: np.ndarray,
+def quality_curve(score: np.ndarray, small: np.ndarray, large: np.ndarray,
                   shares: np.ndarray = GRID, seed: int = SPLIT_SEED) -> np.ndarray:
-    """Quality at each share, each fold routed by its own score quantile."""
+    """Quality at each share when the top-scored share goes to the large tier."""
     n = len(score)
     # Ties (e.g. equal lengths) are broken at random, not by row order.
     tiebreak = np.random.default_rng(seed).permutation(n)
-    total = np.zeros(len(shares))
-    for f in np.unique(folds):
-        idx = np.where(folds == f)[0]
-        order = idx[np.lexsort((tiebreak[idx], -score[idx]))]
-        gain = np.concatenate([[0.0], np.cumsum(large[order] - small[order])])
-        k = np.rint(shares * len(idx)).astype(int)
-        total += small[idx].sum() + gain[k]
-    return total / n
+    order = np.lexsort((tiebreak, -score))
+    gain = np.concatenate([[0.0], np.cumsum(large[order] - small[order])])
+    k = np.rint(shares * n).astype(int)
+    return (small.sum() + gain[k]) / n
 
 
-def random_curve(small: np.ndarray, large: np.ndarray, folds: np.ndarray,
-                 shares: np.ndarray = GRID) -> np.ndarray:
-    """Expected quality of random routing at each share (same rounding per fold)."""
-    total = np.zeros(len(shares))
-    for f in np.unique(folds):
-        idx = np.where(folds == f)[0]
-        k = np.rint(shares * len(idx))
-        total += small[idx].sum() + k / len(idx) * (large[idx] - small[idx]).sum()
-    return total / len(small)
+def random_curve(small: np.ndarray, large: np.ndarray, shares: np.ndarray = GRID) -> np.ndarray:
+    """Expected quality of random routing at each share (same rounding)."""
+    n = len(small)
+    k = np.rint(shares * n)
+    return (small.sum() + k / n * (large - small).sum()) / n
 
 
 def apgr(curve: np.ndarray, shares: np.ndarray = GRID) -> float:
@@ -80,95 +109,172 @@ def apgr(curve: np.ndarray, shares: np.ndarray = GRID) -> float:
     return float(np.trapezoid(pgr, shares))
 
 
+ROUTERS = ("classifier", "length", "random")
+
+
 @dataclass
-class SplitResult:
+class Part:
+    """One held-out part of a split (a fold, or a category)."""
+
     name: str
-    folds: int
+    rows: int
     all_small: float
     all_large: float
-    shares: tuple[float, ...]
-    quality: dict[str, list[float]]  # router -> quality at `shares`
+    quality: dict[str, list[float]]  # router -> quality at REPORT_SHARES
     apgr: dict[str, float]  # router -> APGR
-
-    def beats_baselines(self) -> bool:
-        return self.apgr["classifier"] > max(self.apgr["random"], self.apgr["length"])
 
     def to_dict(self) -> dict:
         return {
-            "split": self.name, "folds": self.folds,
+            "name": self.name, "rows": self.rows,
             "all_small_quality": round(self.all_small, 5),
             "all_large_quality": round(self.all_large, 5),
-            "shares": list(self.shares),
             "quality": {k: [round(x, 5) for x in v] for k, v in self.quality.items()},
             "apgr": {k: round(v, 5) for k, v in self.apgr.items()},
         }
 
 
-def cross_val_scores(rows: list[Row], X: np.ndarray, folds: np.ndarray,
-                     config: TrainConfig) -> np.ndarray:
-    """Out-of-fold classifier scores: each fold scored by a model trained on the others."""
-    scores = np.zeros(len(rows))
-    for f in np.unique(folds):
-        train_idx = np.where(folds != f)[0]
-        test_idx = np.where(folds == f)[0]
-        model = fit_rows(rows, X, train_idx, config)
-        scores[test_idx] = model.score(X[test_idx])
-    return scores
-
-
-def evaluate_scores(name: str, scores: np.ndarray, rows: list[Row],
-                    folds: np.ndarray) -> SplitResult:
+def evaluate_part(name: str, scores: np.ndarray, rows: list[Row]) -> Part:
+    """The three routers on one set of rows, `scores` given for those rows."""
     small, large = labels(rows)
     lengths = np.array([len(r.prompt) for r in rows], dtype=np.float64)
     curves = {
-        "classifier": quality_curve(scores, small, large, folds),
-        "random": random_curve(small, large, folds),
-        "length": quality_curve(lengths, small, large, folds),
+        "classifier": quality_curve(scores, small, large),
+        "length": quality_curve(lengths, small, large),
+        "random": random_curve(small, large),
     }
     at = [int(round(s * 100)) for s in REPORT_SHARES]
-    return SplitResult(
-        name=name,
-        folds=len(np.unique(folds)),
-        all_small=float(small.mean()),
-        all_large=float(large.mean()),
-        shares=REPORT_SHARES,
-        quality={k: [float(c[i]) for i in at] for k, c in curves.items()},
-        apgr={k: apgr(c) for k, c in curves.items()},
-    )
+    return Part(name=name, rows=len(rows), all_small=float(small.mean()),
+                all_large=float(large.mean()),
+                quality={k: [float(c[i]) for i in at] for k, c in curves.items()},
+                apgr={k: apgr(c) for k, c in curves.items()})
 
 
-def cross_validate(rows: list[Row], X: np.ndarray, config: TrainConfig,
-                   k: int = DEFAULT_FOLDS) -> list[SplitResult]:
-    """Subject-held-out and random-split evaluation of the training recipe."""
-    sources = [r.source for r in rows]
-    results = []
-    by_subject = subject_folds(sources, k)
-    subject_scores = cross_val_scores(rows, X, by_subject, config)
-    results.append(evaluate_scores("subject-held-out", subject_scores, rows, by_subject))
-    by_row = random_folds(len(rows), k)
-    results.append(evaluate_scores("random", cross_val_scores(rows, X, by_row, config),
-                                   rows, by_row))
+@dataclass
+class SplitResult:
+    name: str
+    parts: list[Part]
+    excluded_sources: list[str]
+
+    def mean(self, router: str) -> float:
+        return float(np.mean([p.apgr[router] for p in self.parts]))
+
+    def worst_margin(self) -> float:
+        """Smallest classifier-minus-length APGR over the parts."""
+        return min(p.apgr["classifier"] - p.apgr["length"] for p in self.parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "split": self.name,
+            "mean_apgr": {r: round(self.mean(r), 5) for r in ROUTERS},
+            "worst_margin_over_length": round(self.worst_margin(), 5),
+            "excluded_sources": self.excluded_sources,
+            "parts": [p.to_dict() for p in self.parts],
+        }
+
+
+Fitter = Callable[[list[Row], Inputs, np.ndarray, TrainConfig], ScoreModel]
+
+
+def _held_out(rows: list[Row], inputs: Inputs, train_idx: np.ndarray, test_idx: np.ndarray,
+              config: TrainConfig, fitter: Fitter) -> np.ndarray:
+    model = fitter(rows, inputs, train_idx, config)
+    return model.score(inputs.take(test_idx))
+
+
+def evaluable(rows: list[Row], config: TrainConfig) -> tuple[np.ndarray, list[str]]:
+    """Indices of the rows an evaluation uses, and the sources it leaves out."""
+    bad = excluded_sources(rows, np.arange(len(rows)), config.min_source_large_accuracy)
+    keep = np.array([r.source not in set(bad) for r in rows], dtype=bool)
+    return np.flatnonzero(keep), bad
+
+
+def leave_subjects_out(rows: list[Row], inputs: Inputs, config: TrainConfig,
+                       k: int = SUBJECT_FOLDS, fitter: Fitter = fit_rows) -> SplitResult:
+    idx, bad = evaluable(rows, config)
+    folds = subject_folds([rows[i].source for i in idx], k)
+    parts = []
+    for f in range(k):
+        test = idx[folds == f]
+        scores = _held_out(rows, inputs, idx[folds != f], test, config, fitter)
+        subjects = sorted({rows[i].source.rsplit("/", 1)[-1] for i in test})
+        parts.append(evaluate_part(f"fold {f}: {', '.join(subjects)}", scores,
+                                   [rows[i] for i in test]))
+    return SplitResult("leave-subjects-out", parts, bad)
+
+
+def leave_category_out(rows: list[Row], inputs: Inputs, config: TrainConfig,
+                       fitter: Fitter = fit_rows) -> SplitResult | None:
+    """STEM -> humanities+social and the reverse; None when the data is not MMLU's."""
+    idx, bad = evaluable(rows, config)
+    cats = np.array([category_of(rows[i].source) for i in idx])
+    parts = []
+    for train_cat, test_cat in (("stem", "humanities+social"), ("humanities+social", "stem")):
+        train, test = idx[cats == train_cat], idx[cats == test_cat]
+        if len(train) < 10 or len(test) < 10:
+            return None
+        scores = _held_out(rows, inputs, train, test, config, fitter)
+        parts.append(evaluate_part(f"train {train_cat}, test {test_cat}", scores,
+                                   [rows[i] for i in test]))
+    return SplitResult("leave-category-out", parts, bad)
+
+
+def out_of_fold_scores(rows: list[Row], inputs: Inputs, config: TrainConfig,
+                       k: int = SUBJECT_FOLDS) -> np.ndarray:
+    """Every row's score from a model that never saw its subject (for simulations
+    that must not be in-sample); rows of excluded sources are scored too."""
+    folds = subject_folds([r.source for r in rows], k)
+    scores = np.zeros(len(rows))
+    for f in range(k):
+        test = np.flatnonzero(folds == f)
+        scores[test] = _held_out(rows, inputs, np.flatnonzero(folds != f), test, config,
+                                 fit_rows)
+    return scores
+
+
+def cross_validate(rows: list[Row], inputs: Inputs, config: TrainConfig,
+                   k: int = SUBJECT_FOLDS) -> list[SplitResult]:
+    results = [leave_subjects_out(rows, inputs, config, k)]
+    category = leave_category_out(rows, inputs, config)
+    if category is not None:
+        results.append(category)
     return results
 
 
-def evaluate_model(model: LinearModel, rows: list[Row], X: np.ndarray) -> SplitResult:
-    """A trained model as it is, on all rows (in-sample if it was trained on them)."""
-    return evaluate_scores("as-is", model.score(X), rows, np.zeros(len(rows), dtype=int))
+def check(subjects: SplitResult, margin: float = CHECK_MARGIN) -> tuple[bool, str]:
+    """The bar a shipped model must clear: on leave-subjects-out folds the mean APGR
+    beats length by `margin`, and no fold falls below length."""
+    gain = subjects.mean("classifier") - subjects.mean("length")
+    worst = subjects.worst_margin()
+    ok = gain >= margin and worst >= 0.0
+    return ok, (f"mean APGR {subjects.mean('classifier'):.4f} vs length "
+                f"{subjects.mean('length'):.4f} (margin {gain:+.4f}, needs >= {margin:+.2f}); "
+                f"worst fold vs length {worst:+.4f} (needs >= 0)")
 
 
 def format_result(result: SplitResult) -> str:
-    lines = [
-        f"split: {result.name} ({result.folds} fold{'s' if result.folds != 1 else ''}); "
-        f"quality all-small {result.all_small:.4f}, all-large {result.all_large:.4f}",
-        f"{'large share':>12} {'classifier':>11} {'random':>8} {'length':>8}",
-    ]
-    for i, s in enumerate(result.shares):
-        lines.append(f"{s:>12.0%} {result.quality['classifier'][i]:>11.4f} "
-                     f"{result.quality['random'][i]:>8.4f} {result.quality['length'][i]:>8.4f}")
-    lines.append(f"{'APGR':>12} {result.apgr['classifier']:>11.4f} "
-                 f"{result.apgr['random']:>8.4f} {result.apgr['length']:>8.4f}")
-    verdict = "beats" if result.beats_baselines() else "does NOT beat"
-    lines.append(f"classifier {verdict} both baselines on the {result.name} split "
-                 f"(APGR {result.apgr['classifier']:.4f} vs random {result.apgr['random']:.4f}, "
-                 f"length {result.apgr['length']:.4f})")
+    lines = [f"split: {result.name}"
+             + (f" (left out, broken labels: {', '.join(result.excluded_sources)})"
+                if result.excluded_sources else ""),
+             f"{'held-out part':<60} {'rows':>5} {'classifier':>10} {'length':>7} "
+             f"{'random':>7} {'margin':>7}"]
+    for p in result.parts:
+        name = p.name if len(p.name) <= 60 else p.name[:57] + "..."
+        lines.append(f"{name:<60} {p.rows:>5} {p.apgr['classifier']:>10.4f} "
+                     f"{p.apgr['length']:>7.4f} {p.apgr['random']:>7.4f} "
+                     f"{p.apgr['classifier'] - p.apgr['length']:>+7.4f}")
+    lines.append(f"{'mean APGR':<60} {'':>5} {result.mean('classifier'):>10.4f} "
+                 f"{result.mean('length'):>7.4f} {result.mean('random'):>7.4f} "
+                 f"{result.mean('classifier') - result.mean('length'):>+7.4f}")
+    lines.append(f"worst part vs length: {result.worst_margin():+.4f}")
+    return "\n".join(lines)
+
+
+def format_quality(part: Part) -> str:
+    """Quality at each large-tier share, the three routers side by side."""
+    lines = [f"{part.name}: quality all-small {part.all_small:.4f}, all-large "
+             f"{part.all_large:.4f}",
+             f"{'large share':>12} {'classifier':>11} {'length':>8} {'random':>8}"]
+    for i, s in enumerate(REPORT_SHARES):
+        lines.append(f"{s:>12.0%} {part.quality['classifier'][i]:>11.4f} "
+                     f"{part.quality['length'][i]:>8.4f} {part.quality['random'][i]:>8.4f}")
     return "\n".join(lines)

@@ -40,10 +40,17 @@ import re
 
 FEATURE_SPEC_VERSION = 1
 
-# Long prompts are scored on their head and tail (as the router does), which
-# bounds the cost per call; lengths still use the full text.
+# Long prompts are read on their head and tail, which bounds the cost per
+# call; lengths still use the full text. This module owns the clipping: the
+# router hands the classifier the whole prompt, and training reads the same
+# prompts through the same functions (clip, encoder_text).
 CLIP_HEAD = 2048
 CLIP_TAIL = 2048
+# The sentence encoder reads 64 word pieces (~300 characters of English): the
+# head and the tail of the prompt, where the task and the question are
+# (measured on leave-subjects-out folds: +0.009 APGR over the head alone).
+ENCODER_HEAD = 150
+ENCODER_TAIL = 150
 
 LEARNED_FEATURES: tuple[str, ...] = (
     "log_chars", "log_words", "avg_word_len", "log_stem_newlines", "log_sentences",
@@ -68,6 +75,16 @@ ANCHORED_WEIGHTS: dict[str, tuple[float, float]] = {
     "task_code": (-2.0, 0.0),
     "task_multistep_reasoning": (-2.0, 0.0),
     "task_chitchat": (3.0, 0.0),
+}
+
+# The same cues' shift of the domain-free prior (training.Prior), in units of
+# expected gain E[large correct - small correct] in [-1, 1]: what the prior
+# says where the learned model is not trusted (prompts unlike the training
+# data, such as chat or code requests when it was trained on exam questions).
+ANCHORED_PRIOR_SHIFT: dict[str, float] = {
+    "task_code": 0.4,
+    "task_multistep_reasoning": 0.4,
+    "task_chitchat": -0.4,
 }
 
 _DIGITS = b"0123456789"
@@ -205,6 +222,13 @@ def clip(text: str) -> str:
     if len(text) <= CLIP_HEAD + CLIP_TAIL:
         return text
     return text[:CLIP_HEAD] + "\n" + text[-CLIP_TAIL:]
+
+
+def encoder_text(text: str) -> str:
+    """What the sentence encoder reads of a prompt: its head and tail."""
+    if len(text) <= ENCODER_HEAD + ENCODER_TAIL:
+        return text
+    return text[:ENCODER_HEAD] + "\n" + text[-ENCODER_TAIL:]
 
 
 def _count(data: bytes, chars: bytes) -> int:
@@ -362,4 +386,6 @@ def feature_spec() -> dict:
         "anchored_weights": {k: list(v) for k, v in ANCHORED_WEIGHTS.items()},
         "clip_head_chars": CLIP_HEAD,
         "clip_tail_chars": CLIP_TAIL,
+        "encoder_head_chars": ENCODER_HEAD,
+        "encoder_tail_chars": ENCODER_TAIL,
     }

@@ -1,10 +1,18 @@
-"""The classifier as the router runs it: feature extraction + one onnxruntime session."""
+"""The classifier as the router runs it: shape features, a sentence encoder, one formula.
+
+A classifier directory holds `metadata.json` (weights, prior, ranges,
+quantiles, metrics, provenance), `support.npy` (float16 [S, D] embeddings
+of a sample of the training prompts) and names its encoder: "builtin" (the
+all-MiniLM-L6-v2 encoder shipped in this package) or a directory beside it.
+A directory written by `terrace-classifier train` is under 1 MiB with the
+built-in encoder, so it fits in a ConfigMap.
+"""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from . import training
-from .features import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_FEATURES, extract
+from .encoder import SentenceEncoder
+from .features import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_LEARNED, extract
 
-MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+SUPPORT_FILE = "support.npy"
 FORMAT = "terrace-classifier"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BUILTIN = "builtin"
 
 
@@ -25,86 +34,74 @@ def builtin_dir() -> Path:
     return Path(str(resources.files("terrace_router.classifier") / "builtin"))
 
 
-def _session(model_bytes: bytes) -> Any:
-    import onnxruntime as ort  # heavy import: only when a model is loaded
-
-    opts = ort.SessionOptions()
-    # One thread: the request path scores one prompt at a time, and a thread
-    # pool's wake-up costs more than this model's arithmetic.
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model_bytes, sess_options=opts,
-                                providers=["CPUExecutionProvider"])
-
-
-class _ScoreBuffers:
-    """One thread's input and output arrays for Classifier.score, bound once
-    to an onnxruntime IOBinding: a call then only writes the features in
-    place and runs, instead of building an input dict, a new array, and an
-    output list each time (about 3 us of a ~5 us run)."""
-
-    def __init__(self, session: Any, input_name: str, output_name: str) -> None:
-        self.features = np.zeros((1, N_FEATURES), dtype=np.float32)
-        self.score = np.zeros((1, 1), dtype=np.float32)
-        self.binding = session.io_binding()
-        # Bound by address: the arrays must live as long as the binding (they do:
-        # both are attributes of this object).
-        self.binding.bind_input(input_name, "cpu", 0, np.float32, list(self.features.shape),
-                                self.features.ctypes.data)
-        self.binding.bind_output(output_name, "cpu", 0, np.float32, list(self.score.shape),
-                                 self.score.ctypes.data)
+def encoder_for(directory: Path, name: str) -> SentenceEncoder:
+    """The encoder a classifier directory names: "builtin" or a path relative to it."""
+    if name == BUILTIN:
+        return SentenceEncoder.load(BUILTIN)
+    return SentenceEncoder.load(directory / name)
 
 
 class Classifier:
     """Complexity score in [0, 1] per prompt; higher = needs a larger tier."""
 
-    def __init__(self, model_bytes: bytes, metadata: dict, path: Path | None = None) -> None:
+    def __init__(self, model: training.ScoreModel, metadata: dict, encoder: SentenceEncoder,
+                 path: Path | None = None) -> None:
         check_metadata(metadata)
+        if encoder.dim != model.support.shape[1]:
+            raise ValueError(f"encoder gives {encoder.dim}-d embeddings, the model was trained "
+                             f"on {model.support.shape[1]}-d ones")
+        self.model = model
         self.metadata = metadata
+        self.encoder = encoder
         self.path = path
-        self._session = _session(model_bytes)
-        inputs = self._session.get_inputs()
-        if len(inputs) != 1 or inputs[0].shape[-1] != N_FEATURES:
-            raise ValueError(f"model input must be [N, {N_FEATURES}] features, got "
-                             f"{[(i.name, i.shape) for i in inputs]}")
-        self._input = inputs[0].name
-        self._outputs = ["score"]
         self.default_threshold = float(metadata["default_threshold"])
-        # Per thread: an IOBinding's buffers must not be shared by concurrent
-        # calls (one session runs many bindings at once safely).
-        self._buffers = threading.local()
 
     @classmethod
     def load(cls, model: str | Path = BUILTIN) -> Classifier:
         """`builtin` or a directory written by `terrace-classifier train --out DIR`."""
         directory = builtin_dir() if str(model) == BUILTIN else Path(model)
-        onnx_path = directory / MODEL_FILE
         meta_path = directory / METADATA_FILE
-        if not onnx_path.is_file() or not meta_path.is_file():
-            raise ValueError(f"{directory}: not a classifier directory (needs {MODEL_FILE} "
-                             f"and {METADATA_FILE})")
+        support_path = directory / SUPPORT_FILE
+        if not meta_path.is_file() or not support_path.is_file():
+            raise ValueError(f"{directory}: not a classifier directory (needs {METADATA_FILE} "
+                             f"and {SUPPORT_FILE})")
         metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-        return cls(onnx_path.read_bytes(), metadata, directory)
+        check_metadata(metadata)
+        support = np.load(support_path, allow_pickle=False)
+        score_model = model_from_metadata(metadata, support)
+        return cls(score_model, metadata, encoder_for(directory, metadata["encoder"]), directory)
+
+    def inputs(self, texts: list[str]) -> training.Inputs:
+        """Features of every text; embeddings of those the model can use (a prompt
+        with shape weight 0 is scored by the prior alone: no encoder run)."""
+        return read_inputs(texts, self.encoder, self.model.shape_weight)
+
+    def scores(self, texts: list[str]) -> training.Scores:
+        """Score and its parts (model, prior, in_domain) per text."""
+        return self.model.scores(self.inputs(texts))
 
     def score(self, text: str) -> float:
-        try:
-            buffers = self._buffers.score
-        except AttributeError:  # this thread's first call
-            buffers = self._buffers.score = _ScoreBuffers(self._session, self._input,
-                                                          self._outputs[0])
-        # float64 -> float32 exactly as np.array(..., dtype=np.float32) would.
-        buffers.features[0] = extract(text)
-        self._session.run_with_iobinding(buffers.binding)
-        return float(buffers.score[0, 0])
+        return self.score_features(text, self.features(text))
+
+    # The router's path, in two steps so that only the encoder run (about 6 ms
+    # on one core) leaves the event loop: features (tens of microseconds),
+    # then the score, which runs the encoder only when needs_encoder says so.
+    def features(self, text: str) -> np.ndarray:
+        """float64 [1, F] shape features of one prompt."""
+        return np.array([extract(text)], dtype=np.float64)
+
+    def needs_encoder(self, features: np.ndarray) -> bool:
+        return bool(self.model.shape_weight(features)[0] > 0)
+
+    def score_features(self, text: str, features: np.ndarray) -> float:
+        embedding = (self.encoder.embed([text]) if self.needs_encoder(features)
+                     else np.zeros((1, self.encoder.dim), dtype=np.float32))
+        return float(self.model.score(training.Inputs(embedding, features))[0])
 
     def score_many(self, texts: list[str]) -> np.ndarray:
-        """Scores of many prompts in one onnxruntime call (offline use: eval, CLI)."""
         if not texts:
-            return np.zeros(0, dtype=np.float32)
-        features = np.array([extract(t) for t in texts], dtype=np.float32)
-        return self._session.run(self._outputs, {self._input: features})[0][:, 0]
+            return np.zeros(0)
+        return self.model.score(self.inputs(texts))
 
     def score_threshold_for_share(self, share: float) -> float:
         """Threshold that sends `share` of the training distribution past tier 0."""
@@ -115,10 +112,57 @@ class Classifier:
         return int(self.metadata["feature_spec"]["version"])
 
 
+def read_inputs(texts: list[str], encoder: SentenceEncoder,
+                shape_weight: Callable[[np.ndarray], np.ndarray] | None = None) -> training.Inputs:
+    """What the scorer reads of each text: features, and embeddings (all of
+    them, or only where `shape_weight` of the features is above 0). The one
+    path from text to model inputs, for serving and training alike."""
+    features = np.array([extract(t) for t in texts], dtype=np.float64).reshape(
+        len(texts), len(FEATURE_NAMES))
+    embeddings = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    need = (range(len(texts)) if shape_weight is None
+            else np.flatnonzero(shape_weight(features) > 0))
+    for i in need:
+        # One prompt per run: int8 activations are quantised per batch, so
+        # a batch would change each prompt's embedding slightly.
+        embeddings[i] = encoder.embed([texts[i]])[0]
+    return training.Inputs(embeddings, features)
+
+
+def model_from_metadata(metadata: dict, support: np.ndarray) -> training.ScoreModel:
+    m = metadata["model"]
+    return training.ScoreModel(
+        weights=np.array([m["small_head"], m["large_head"]], dtype=np.float64).T,
+        bias=np.array(m["bias"], dtype=np.float64),
+        prior_intercept=float(m["prior_intercept"]),
+        prior_slope=float(m["prior_slope"]),
+        support=support.astype(np.float16),
+        feature_lo=np.array(m["feature_lo"], dtype=np.float64),
+        feature_hi=np.array(m["feature_hi"], dtype=np.float64),
+        config=training.TrainConfig(**metadata["train"]["config"]),
+    )
+
+
+def model_to_metadata(model: training.ScoreModel) -> dict:
+    return {
+        "small_head": [float(w) for w in model.weights[:, 0]],
+        "large_head": [float(w) for w in model.weights[:, 1]],
+        "bias": [float(b) for b in model.bias],
+        "prior_intercept": model.prior_intercept,
+        "prior_slope": model.prior_slope,
+        "feature_lo": [float(v) for v in model.feature_lo],
+        "feature_hi": [float(v) for v in model.feature_hi],
+    }
+
+
 def check_metadata(metadata: dict) -> None:
-    """Refuse a model built for other features: its weights would mean nothing."""
+    """Refuse a model built for other features or another format: its weights would mean nothing."""
     if metadata.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} metadata file (format={metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"classifier format version {metadata.get('format_version')!r}; this "
+                         f"code reads version {FORMAT_VERSION}: retrain it with "
+                         f"`terrace-classifier train`")
     spec = metadata.get("feature_spec") or {}
     if spec.get("version") != FEATURE_SPEC_VERSION or list(spec.get("names", [])) != list(
         FEATURE_NAMES
@@ -127,18 +171,21 @@ def check_metadata(metadata: dict) -> None:
             f"model was trained with feature spec version {spec.get('version')!r}; this code "
             f"extracts version {FEATURE_SPEC_VERSION}: retrain it with `terrace-classifier train`"
         )
-    for key in ("default_threshold", "score_quantiles"):
+    for key in ("default_threshold", "score_quantiles", "model", "encoder", "train"):
         if key not in metadata:
             raise ValueError(f"classifier metadata lacks {key!r}")
+    if len(metadata["model"].get("feature_lo", [])) != N_LEARNED:
+        raise ValueError("classifier metadata: model.feature_lo must have one value per "
+                         "learned feature")
 
 
 def benchmark_score(texts: list[str], classifier: Classifier | None = None,
-                    repeat: int = 3) -> dict:
+                    repeat: int = 3) -> dict[str, Any]:
     """Per-call latency of Classifier.score over `texts` (one thread), in microseconds."""
     clf = classifier or Classifier.load(BUILTIN)
     if not texts:
         raise ValueError("benchmark_score needs at least one text")
-    for t in texts[:50]:  # warm caches and onnxruntime's first-run allocations
+    for t in texts[:20]:  # warm caches and onnxruntime's first-run allocations
         clf.score(t)
     wall, cpu = [], []
     perf, thread = time.perf_counter_ns, time.thread_time_ns

@@ -1,4 +1,5 @@
-"""Training: two L2-regularised logistic heads over the handcrafted features.
+"""Training: a two-head logistic model over sentence embeddings and shape features,
+a domain-free prior, and how far each prompt is from the training data.
 
 Label choice. The shared data says, per prompt, whether the small and the
 large model answered correctly. Routing quality at a given large-tier share
@@ -8,20 +9,40 @@ E[large_correct - small_correct] = P(needs large) - P(large hurts), where
 We fit P(small correct) and P(large correct) as two logistic heads and
 score their difference, mapped to [0, 1]:
 
-    score = 0.5 + 0.5 * (P(large correct) - P(small correct))
+    model = 0.5 + 0.5 * (P(large correct) - P(small correct))
 
-Measured on subject-held-out folds this ranks better than a single logistic
-on the "needs large" indicator or on "small fails" (see docs/classifier.md),
-because each head has a denser, less noisy target than the rare joint event.
+Each head reads the prompt's all-MiniLM-L6-v2 embedding (encoder.py) and
+the learned shape features (features.py), standardised, with the anchored
+cues as fixed logit offsets.
+
+A model trained on one kind of prompt extrapolates badly on another
+(measured: trained on STEM subjects it ranks humanities questions worse
+than their length does). So the score leans on a domain-free prior where a
+prompt is unlike the training data:
+
+    score = prior + in_domain * (model - prior)
+
+- prior = 0.5 + 0.5 * clip(a + b * log1p(chars) + cue shift, -1, 1): the
+  expected gain as a straight line in log length (b >= 0, least squares),
+  plus the anchored cues' fixed shifts (features.ANCHORED_PRIOR_SHIFT);
+- in_domain = semantic * shape, in [0, 1]:
+  - semantic: the mean cosine similarity of the prompt's embedding to its
+    `neighbours` nearest training prompts (a seeded sample of
+    `support_size` of them ships with the model), mapped linearly from
+    `similarity_untrusted` (0) to `similarity_trusted` (1);
+  - shape: `shape_decay` ** (number of learned features outside the
+    training data's central range), and 0 from `shape_max_out` of them on.
+    Exam questions all have answer choices: a chat turn has none, so the
+    choice features are out of range and only the prior speaks.
 
 Sources (subjects) whose large-model accuracy is below chance
 (`min_source_large_accuracy`, 0.25 for four-way multiple choice) are left out
-of training: in the shared data that is mmlu/high_school_mathematics, where
-GPT-4 scores 3%, a sign of broken answer extraction in the source evals
-rather than of hard questions. Evaluation still uses every row.
+of training and of evaluation: in the shared data that is
+mmlu/high_school_mathematics, where GPT-4 scores 3%, a sign of broken answer
+extraction in the source evals rather than of hard questions.
 
-Fitting is Newton's method on the full batch (a 37-feature problem): exact,
-deterministic with no seed at all, and well under a second.
+Fitting is Newton's method on the full batch: exact, deterministic, no seed
+(the support sample's seed is in the config).
 """
 
 from __future__ import annotations
@@ -29,15 +50,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .features import ANCHORED_FEATURES, ANCHORED_WEIGHTS, FEATURE_NAMES, N_LEARNED, extract
+from .features import (
+    ANCHORED_FEATURES,
+    ANCHORED_PRIOR_SHIFT,
+    ANCHORED_WEIGHTS,
+    FEATURE_NAMES,
+    N_LEARNED,
+    extract,
+)
 
 CHANCE_FOUR_WAY = 0.25
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
+LOG_CHARS = FEATURE_INDEX["log_chars"]
+_PRIOR_SHIFT = np.array([ANCHORED_PRIOR_SHIFT[name] for name in ANCHORED_FEATURES])
 # Features that only mean something when the prompt has answer choices.
 CHOICE_FEATURES = ("log_mean_choice_chars", "log_std_choice_chars", "log_max_choice_chars",
                    "numeric_choice_frac")
@@ -53,29 +83,85 @@ class Row:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Mean log-loss + l2/2 * |w|^2 on standardised features, per head.
-    l2: float = 0.1
+    # Mean log-loss + l2/2 * |w|^2 on standardised inputs, per head.
+    l2: float = 0.3
     min_source_large_accuracy: float = CHANCE_FOUR_WAY
     newton_iterations: int = 25
+    # Out-of-distribution weight (see the module docstring).
+    support_size: int = 768
+    neighbours: int = 10
+    similarity_untrusted: float = 0.25
+    similarity_trusted: float = 0.40
+    shape_quantile: float = 0.005
+    shape_decay: float = 0.25
+    shape_max_out: int = 3
+    seed: int = 20240601
 
 
 @dataclass
-class LinearModel:
-    """Both heads on raw features: logits = X @ weights + bias (standardisation folded in)."""
+class Inputs:
+    """What the scorer reads of N prompts (model.Classifier.inputs builds it)."""
 
-    weights: np.ndarray  # [F, 2] (small head, large head)
+    embeddings: np.ndarray  # float32 [N, D], unit length; rows with shape weight 0 may be 0
+    features: np.ndarray  # float64 [N, F], features.extract() in FEATURE_NAMES order
+
+    def take(self, idx: np.ndarray) -> Inputs:
+        return Inputs(self.embeddings[idx], self.features[idx])
+
+
+@dataclass
+class Scores:
+    """Per prompt: the final score and its parts, each float64 [N]."""
+
+    score: np.ndarray
+    model: np.ndarray
+    prior: np.ndarray
+    in_domain: np.ndarray
+
+
+@dataclass
+class ScoreModel:
+    """The fitted scorer; `scores` is the one formula training and serving share."""
+
+    weights: np.ndarray  # [D + F, 2] on raw inputs (standardisation folded in)
     bias: np.ndarray  # [2]
-    # Standardisation of the learned features, kept for the record.
-    mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    std: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    prior_intercept: float
+    prior_slope: float  # expected gain per unit of log1p(chars), >= 0
+    support: np.ndarray  # float16 [S, D] embeddings of training prompts
+    feature_lo: np.ndarray  # [N_LEARNED] central range of the training features
+    feature_hi: np.ndarray
+    config: TrainConfig
 
-    def p_correct(self, X: np.ndarray) -> np.ndarray:
-        z = X @ self.weights + self.bias
-        return 1.0 / (1.0 + np.exp(-z))
+    def shape_weight(self, features: np.ndarray) -> np.ndarray:
+        """[N] in [0, 1]: 1 when every learned feature is inside the training range."""
+        learned = features[:, :N_LEARNED]
+        out = ((learned < self.feature_lo) | (learned > self.feature_hi)).sum(axis=1)
+        weight = self.config.shape_decay ** out
+        return np.where(out >= self.config.shape_max_out, 0.0, weight)
 
-    def score(self, X: np.ndarray) -> np.ndarray:
-        p = self.p_correct(X)
-        return 0.5 + 0.5 * (p[:, 1] - p[:, 0])
+    def prior(self, features: np.ndarray) -> np.ndarray:
+        shift = features[:, N_LEARNED:] @ _PRIOR_SHIFT
+        gain = self.prior_intercept + self.prior_slope * features[:, LOG_CHARS] + shift
+        return 0.5 + 0.5 * np.clip(gain, -1.0, 1.0)
+
+    def scores(self, inputs: Inputs) -> Scores:
+        X = inputs.features
+        E = inputs.embeddings.astype(np.float64)
+        logits = np.hstack([E, X]) @ self.weights + self.bias
+        p = 1.0 / (1.0 + np.exp(-logits))
+        model = 0.5 + 0.5 * (p[:, 1] - p[:, 0])
+        prior = self.prior(X)
+        k = min(self.config.neighbours, len(self.support))
+        sims = E @ self.support.T.astype(np.float64)
+        nearest = np.partition(sims, -k, axis=1)[:, -k:].mean(axis=1)
+        lo, hi = self.config.similarity_untrusted, self.config.similarity_trusted
+        semantic = np.clip((nearest - lo) / (hi - lo), 0.0, 1.0)
+        in_domain = semantic * self.shape_weight(X)
+        score = prior + in_domain * (model - prior)
+        return Scores(score=score, model=model, prior=prior, in_domain=in_domain)
+
+    def score(self, inputs: Inputs) -> np.ndarray:
+        return self.scores(inputs).score
 
 
 def load_rows(path: str | Path) -> list[Row]:
@@ -173,28 +259,47 @@ def _newton_logistic(Z: np.ndarray, y: np.ndarray, offset: np.ndarray, l2: float
     return theta[:-1], float(theta[-1])
 
 
-def fit(X: np.ndarray, small: np.ndarray, large: np.ndarray, config: TrainConfig) -> LinearModel:
-    """Fit both heads on the rows given (filtering is the caller's job)."""
+def fit(inputs: Inputs, small: np.ndarray, large: np.ndarray,
+        config: TrainConfig) -> ScoreModel:
+    """Fit the scorer on the rows given (filtering is the caller's job)."""
+    X, E = inputs.features, inputs.embeddings.astype(np.float64)
     if len(X) < 10:
         raise ValueError(f"need at least 10 training rows, got {len(X)}")
-    learned = X[:, :N_LEARNED]
+    learned = np.hstack([E, X[:, :N_LEARNED]])
+    n_learned = learned.shape[1]
     mean = learned.mean(axis=0)
     std = learned.std(axis=0)
-    std = np.where(std > 1e-12, std, 1.0)  # a constant feature gets weight 0 anyway
+    std = np.where(std > 1e-12, std, 1.0)  # a constant input gets weight 0 anyway
     Z = (learned - mean) / std
     offset = _anchored_offset(X)
-    n_features = X.shape[1]
-    weights = np.zeros((n_features, 2))
+    weights = np.zeros((n_learned + len(ANCHORED_FEATURES), 2))
     bias = np.zeros(2)
     anchored = np.array([ANCHORED_WEIGHTS[name] for name in ANCHORED_FEATURES])
     for head, y in enumerate((small, large)):
         w, b = _newton_logistic(Z, y, offset[:, head], config.l2, config.newton_iterations)
         # Fold standardisation in: w.(x - mean)/std + b = (w/std).x + (b - w.mean/std)
-        weights[:N_LEARNED, head] = w / std
-        weights[N_LEARNED:, head] = anchored[:, head]
+        weights[:n_learned, head] = w / std
+        weights[n_learned:, head] = anchored[:, head]
         bias[head] = b - float(np.sum(w * mean / std))
-    _impute_choice_features(weights, bias, X)
-    return LinearModel(weights=weights, bias=bias, mean=mean, std=std)
+    _impute_choice_features(weights[E.shape[1]:], bias, X)
+
+    # The prior: expected gain as a line in log length, never decreasing.
+    A = np.vstack([np.ones(len(X)), X[:, LOG_CHARS]]).T
+    intercept, slope = np.linalg.lstsq(A, large - small, rcond=None)[0]
+    if slope < 0:
+        slope, intercept = 0.0, float(np.mean(large - small))
+
+    rng = np.random.default_rng(config.seed)
+    pick = np.sort(rng.permutation(len(E))[: config.support_size])
+    q = config.shape_quantile
+    return ScoreModel(
+        weights=weights, bias=bias,
+        prior_intercept=float(intercept), prior_slope=float(slope),
+        support=inputs.embeddings[pick].astype(np.float16),
+        feature_lo=np.quantile(X[:, :N_LEARNED], q, axis=0),
+        feature_hi=np.quantile(X[:, :N_LEARNED], 1.0 - q, axis=0),
+        config=config,
+    )
 
 
 def _impute_choice_features(weights: np.ndarray, bias: np.ndarray, X: np.ndarray) -> None:
@@ -229,10 +334,11 @@ def training_mask(rows: list[Row], idx: np.ndarray,
     return idx[keep], bad
 
 
-def fit_rows(rows: list[Row], X: np.ndarray, idx: np.ndarray, config: TrainConfig) -> LinearModel:
+def fit_rows(rows: list[Row], inputs: Inputs, idx: np.ndarray,
+             config: TrainConfig) -> ScoreModel:
     small, large = labels(rows)
     use, _ = training_mask(rows, idx, config)
-    return fit(X[use], small[use], large[use], config)
+    return fit(inputs.take(use), small[use], large[use], config)
 
 
 QUANTILE_PROBS = np.linspace(0.0, 1.0, 201)
