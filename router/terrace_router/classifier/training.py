@@ -47,6 +47,7 @@ Fitting is Newton's method on the full batch: exact, deterministic, no seed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -83,14 +84,16 @@ class Row:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Mean log-loss + l2/2 * |w|^2 on standardised inputs, per head.
-    l2: float = 0.3
+    # Mean log-loss + l2/2 * |w|^2 on standardised inputs, per head: one
+    # strength for the 384 embedding weights, another for the shape features.
+    l2_embedding: float = 1.0
+    l2_features: float = 0.1
     min_source_large_accuracy: float = CHANCE_FOUR_WAY
     newton_iterations: int = 25
     # Out-of-distribution weight (see the module docstring).
     support_size: int = 768
     neighbours: int = 10
-    similarity_untrusted: float = 0.25
+    similarity_untrusted: float = 0.20
     similarity_trusted: float = 0.40
     shape_quantile: float = 0.005
     shape_decay: float = 0.25
@@ -146,19 +149,25 @@ class ScoreModel:
 
     def scores(self, inputs: Inputs) -> Scores:
         X = inputs.features
-        E = inputs.embeddings.astype(np.float64)
+        E = inputs.embeddings
         logits = np.hstack([E, X]) @ self.weights + self.bias
         p = 1.0 / (1.0 + np.exp(-logits))
         model = 0.5 + 0.5 * (p[:, 1] - p[:, 0])
         prior = self.prior(X)
-        k = min(self.config.neighbours, len(self.support))
-        sims = E @ self.support.T.astype(np.float64)
-        nearest = np.partition(sims, -k, axis=1)[:, -k:].mean(axis=1)
-        lo, hi = self.config.similarity_untrusted, self.config.similarity_trusted
-        semantic = np.clip((nearest - lo) / (hi - lo), 0.0, 1.0)
-        in_domain = semantic * self.shape_weight(X)
+        in_domain = self.shape_weight(X)
+        rows = np.flatnonzero(in_domain > 0)  # the others need no similarity
+        if len(rows):
+            k = min(self.config.neighbours, len(self.support))
+            sims = E[rows].astype(np.float32) @ self._support32.T
+            nearest = np.partition(sims, -k, axis=1)[:, -k:].astype(np.float64).mean(axis=1)
+            lo, hi = self.config.similarity_untrusted, self.config.similarity_trusted
+            in_domain[rows] *= np.clip((nearest - lo) / (hi - lo), 0.0, 1.0)
         score = prior + in_domain * (model - prior)
         return Scores(score=score, model=model, prior=prior, in_domain=in_domain)
+
+    @functools.cached_property
+    def _support32(self) -> np.ndarray:
+        return self.support.astype(np.float32)
 
     def score(self, inputs: Inputs) -> np.ndarray:
         return self.scores(inputs).score
@@ -240,14 +249,14 @@ def _anchored_offset(X: np.ndarray) -> np.ndarray:
     return A @ W
 
 
-def _newton_logistic(Z: np.ndarray, y: np.ndarray, offset: np.ndarray, l2: float,
+def _newton_logistic(Z: np.ndarray, y: np.ndarray, offset: np.ndarray, l2: np.ndarray,
                      iterations: int) -> tuple[np.ndarray, float]:
-    """argmin mean logloss(sigmoid(Z w + b + offset), y) + l2/2 |w|^2 (b unpenalised)."""
+    """argmin mean logloss(sigmoid(Z w + b + offset), y) + sum(l2/2 * w^2) (b unpenalised);
+    `l2` has one strength per column of Z."""
     n, d = Z.shape
     Za = np.hstack([Z, np.ones((n, 1))])
     theta = np.zeros(d + 1)
-    reg = np.full(d + 1, l2)
-    reg[-1] = 0.0
+    reg = np.append(np.broadcast_to(np.asarray(l2, dtype=np.float64), (d,)), 0.0)
     for _ in range(iterations):
         p = 1.0 / (1.0 + np.exp(-(Za @ theta + offset)))
         grad = Za.T @ (p - y) / n + reg * theta
@@ -275,8 +284,10 @@ def fit(inputs: Inputs, small: np.ndarray, large: np.ndarray,
     weights = np.zeros((n_learned + len(ANCHORED_FEATURES), 2))
     bias = np.zeros(2)
     anchored = np.array([ANCHORED_WEIGHTS[name] for name in ANCHORED_FEATURES])
+    l2 = np.concatenate([np.full(E.shape[1], config.l2_embedding),
+                         np.full(N_LEARNED, config.l2_features)])
     for head, y in enumerate((small, large)):
-        w, b = _newton_logistic(Z, y, offset[:, head], config.l2, config.newton_iterations)
+        w, b = _newton_logistic(Z, y, offset[:, head], l2, config.newton_iterations)
         # Fold standardisation in: w.(x - mean)/std + b = (w/std).x + (b - w.mean/std)
         weights[:n_learned, head] = w / std
         weights[n_learned:, head] = anchored[:, head]
