@@ -183,8 +183,12 @@ class Proxy:
         features = clf.features(text)
         if not clf.needs_encoder(features):
             return clf.score_features(text, features)
-        return await anyio.to_thread.run_sync(clf.score_features, text, features,
-                                              limiter=self._scoring)
+        try:
+            return await anyio.to_thread.run_sync(clf.score_features, text, features,
+                                                  limiter=self._scoring)
+        except Exception:  # a request is never lost to its score: the prior still routes it
+            log.exception("classifier encoder failed; routing this request by the prior")
+            return float(clf.model.prior(features)[0])
 
     # -- non-streaming -----------------------------------------------------
 

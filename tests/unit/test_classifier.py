@@ -306,16 +306,102 @@ def test_cli_score_text_file_and_explain(subset: Path,
     assert cli.main(["score", "--data", str(subset)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(subset.read_text().strip().splitlines())
-    assert cli.main(["score", "--explain", MC]) == 0
+    exam = ("Which organelle is the site of aerobic respiration in eukaryotic cells?\n"
+            "A. Ribosome\nB. Mitochondrion\nC. Golgi apparatus\nD. Lysosome\nAnswer:")
+    assert cli.main(["score", "--explain", exam]) == 0
     parts = json.loads(capsys.readouterr().out)
     assert set(parts) == {"score", "model", "prior", "in_domain"}
+    assert parts["in_domain"] > 0 and isinstance(parts["model"], float)
+    assert cli.main(["score", "--explain", "hi, how are you?"]) == 0
+    parts = json.loads(capsys.readouterr().out)
+    assert parts["model"] is None and parts["in_domain"] == 0  # the encoder was not run
 
 
-def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+ROW = {"prompt": "x", "source": "s", "small_correct": True, "large_correct": False}
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ({"prompt": "x"}, "bad.jsonl:1: 'source' must be a string"),
+    ({**ROW, "small_correct": "false"}, "'small_correct' must be true or false"),
+    ({**ROW, "large_correct": None}, "'large_correct' must be true or false"),
+    ({**ROW, "prompt": 42}, "'prompt' must be a string"),
+    ([1, 2], "not a routing row"),
+])
+def test_train_refuses_bad_rows_naming_the_line(tmp_path: Path, line: object, message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "x"}\n')
+    bad.write_text(json.dumps(line) + "\n")
     assert cli.main(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl:1" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, subset: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["score"]) == 2
+    for content, message in ((b'{"prompt": 42}\n', "string 'prompt'"),
+                             (b"\xff\xfe junk\n", "not UTF-8 text"),
+                             (b"not json\n", "prompts.jsonl:1: not JSON")):
+        (tmp_path / "prompts.jsonl").write_bytes(content)
+        assert cli.main(["score", "--data", str(tmp_path / "prompts.jsonl")]) == 2
+        assert message in capsys.readouterr().err
+    for argv, message in ((["eval", "--data", str(subset), "--folds", "1"], "at least 2 folds"),
+                          (["eval", "--data", str(subset), "--folds", "500"], "at least 500"),
+                          (["train", "--data", str(subset), "--out", str(tmp_path / "o"),
+                            "--similarity-untrusted", "0.5", "--similarity-trusted", "0.4"],
+                           "similarity_untrusted < similarity_trusted"),
+                          (["train", "--data", str(subset), "--out", str(tmp_path / "o"),
+                            "--l2-embedding", "-1"], "L2 strengths must be >= 0")):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_a_corrupt_classifier_directory_is_named_not_a_traceback(tmp_path: Path) -> None:
+    _copy_builtin(tmp_path)
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    del meta["model"]["bias"]
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not a valid classifier .*bias"):
+        Classifier.load(tmp_path)
+    (tmp_path / "metadata.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a valid classifier"):
+        Classifier.load(tmp_path)
+    _copy_builtin(tmp_path)
+    np.save(tmp_path / "support.npy", np.zeros((3, 3), dtype=np.float64))
+    with pytest.raises(ValueError, match="support.npy must be float16"):
+        Classifier.load(tmp_path)
+
+
+def test_a_fold_where_both_tiers_are_equal_is_reported_not_fatal(subset: Path) -> None:
+    # A held-out part where the small and the large tier are equally good has
+    # no gap to recover: its APGR is undefined, reported and left out of means.
+    real = training.load_rows(subset)[:300]
+    tie = [training.Row(f"Tie question {i}?", "tie", True, True) for i in range(40)]
+    part = evaluation.evaluate_part("tie", np.arange(40.0), tie)
+    assert not part.defined and part.to_dict()["apgr"]["classifier"] is None
+    other = evaluation.evaluate_part("real", np.arange(300.0), real)
+    split = evaluation.SplitResult("s", [part, other], [])
+    assert split.mean("classifier") == pytest.approx(other.apgr["classifier"])
+    assert split.worst_margin() == pytest.approx(other.apgr["classifier"] - other.apgr["length"])
+    assert "undefined" in evaluation.format_result(split)
+    assert split.to_dict()["parts"][0]["apgr"]["length"] is None
+
+
+def test_exam_words_that_look_like_code_cues_do_not_pin_the_score(builtin: Classifier) -> None:
+    """The model learns the task cues' weights: "function" in a biology question
+    is not a code request (fixed weights sent all such questions to the large tier)."""
+    q = ("Which of the following is the primary {} of mitochondria in eukaryotic cells?\n"
+         "A. Protein synthesis\nB. ATP production\nC. Lipid storage\nD. DNA replication\n"
+         "Answer:")
+    with_cue, without = builtin.scores([q.format("function"), q.format("role")]).score
+    assert abs(with_cue - without) < 0.1, (with_cue, without)
+
+
+def test_a_lone_surrogate_is_scored_not_an_error(builtin: Classifier) -> None:
+    exam = ("Which organelle is the site of aerobic respiration in eukaryotic cells, the "
+            "mito\ud800chondrion or another?\nA. Ribosome\nB. Mitochondrion\nC. Golgi "
+            "apparatus\nD. Lysosome\nAnswer:")
+    assert builtin.needs_encoder(builtin.features(exam))  # the encoder reads it
+    assert 0.0 <= builtin.score(exam) <= 1.0
+    assert encoder_text(exam).encode("utf-8")

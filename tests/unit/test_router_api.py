@@ -448,6 +448,40 @@ def test_router_scores_a_long_prompt_as_the_cli_does(stubs, servers, capsys):
     assert raw.headers["x-terrace-complexity"] == f"{expected:.4f}"
 
 
+def test_a_lone_surrogate_in_an_exam_prompt_is_routed_not_a_500(stubs, servers):
+    # JSON can carry a lone surrogate (\\ud800); the encoder must still read it.
+    url = serve_router(servers, make_config(stubs, thresholds=[2.0]))
+    body = ('{"model": "auto", "messages": [{"role": "user", "content": "Which organelle '
+            'is the site of aerobic respiration in eukaryotic cells, the mito\\ud800chondrion or '
+            'another?\\nA. Ribosome\\nB. Mitochondrion\\nC. Golgi apparatus\\nD. Lysosome'
+            '\\nAnswer:"}]}')
+    r = httpx.post(url + "/v1/chat/completions", content=body,
+                   headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert 0.0 <= float(r.headers["x-terrace-complexity"]) <= 1.0
+
+
+def test_an_encoder_failure_routes_by_the_prior_not_a_lost_request(stubs, servers,
+                                                                  monkeypatch):
+    from terrace_router.classifier import Classifier
+    from terrace_router.classifier.encoder import SentenceEncoder
+
+    exam = ("Which organelle is the site of aerobic respiration in eukaryotic cells?\n"
+            "A. Ribosome\nB. Mitochondrion\nC. Golgi apparatus\nD. Lysosome\nAnswer:")
+    clf = Classifier.load("builtin")
+    assert clf.needs_encoder(clf.features(exam))
+    prior = float(clf.model.prior(clf.features(exam))[0])
+
+    def broken(self, texts, batch_size=32):
+        raise RuntimeError("onnxruntime failed")
+
+    monkeypatch.setattr(SentenceEncoder, "embed", broken)
+    url = serve_router(servers, make_config(stubs, thresholds=[2.0]))
+    headers, resp = chat(client(url), exam)
+    assert resp.choices[0].message.content == "answer from small"
+    assert headers["x-terrace-complexity"] == f"{prior:.4f}"
+
+
 def test_live_calibration_routes_with_the_builtin_classifier(stubs, servers):
     # No pinned thresholds: the calibrator decides. Whatever it picks, the
     # answer comes from a real tier and the header says which.

@@ -103,7 +103,6 @@ def train_to_dir(data: str | Path, out: str | Path, config: training.TrainConfig
         "format_version": FORMAT_VERSION,
         "encoder": encoder_name,
         "encoder_info": enc.info,
-        "support_file": SUPPORT_FILE,
         "feature_spec": feature_spec(),
         "label": LABEL_DOC,
         "train": {

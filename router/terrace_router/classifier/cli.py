@@ -45,11 +45,14 @@ def _train(args: argparse.Namespace) -> int:
           f"(left out: {', '.join(t['excluded_sources']) or 'none'}); wrote {args.out}")
     print(f"default threshold (share {meta['default_target_large_share']}): "
           f"{meta['default_threshold']:.4f}")
+    def fmt(x: float | None, sign: str = "") -> str:
+        return "undefined" if x is None else f"{x:{sign}.4f}"
+
     for name, m in meta["metrics"].items():
         a = m["mean_apgr"]
-        print(f"APGR {name} (mean of parts): classifier {a['classifier']:.4f}  "
-              f"length {a['length']:.4f}  random {a['random']:.4f}; worst part vs length "
-              f"{m['worst_margin_over_length']:+.4f}")
+        print(f"APGR {name} (mean of parts): classifier {fmt(a['classifier'])}  "
+              f"length {fmt(a['length'])}  random {fmt(a['random'])}; worst part vs length "
+              f"{fmt(m['worst_margin_over_length'], '+')}")
     return 0
 
 
@@ -80,7 +83,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(evaluation.format_quality(as_is))
         print()
     ok, verdict = evaluation.check(results[0])
-    print(("PASS" if ok else "FAIL") + f": leave-subjects-out {verdict}")
+    print(("PASS" if ok else "FAIL") + f": leave-subjects-out {verdict}"
+          + ("" if args.check else " (exit status 0: --check makes a FAIL exit 1)"))
     return 1 if (args.check and not ok) else 0
 
 
@@ -95,9 +99,12 @@ def _score(args: argparse.Namespace) -> int:
     texts = [args.text] if args.text is not None else load_prompts(args.data)
     if args.explain:
         parts = clf.scores(texts)
-        for i in range(len(texts)):
-            print(json.dumps({name: round(float(getattr(parts, name)[i]), 6)
-                              for name in ("score", "model", "prior", "in_domain")}))
+        for i, text in enumerate(texts):
+            out = {name: round(float(getattr(parts, name)[i]), 6)
+                   for name in ("score", "model", "prior", "in_domain")}
+            if not clf.needs_encoder(clf.features(text)):
+                out["model"] = None  # unlike the training data: the encoder was not run
+            print(json.dumps(out))
         return 0
     for s in clf.score_many(texts):
         print(f"{float(s):.6f}")
@@ -111,7 +118,10 @@ def _bench(args: argparse.Namespace) -> int:
     clf = Classifier.load(args.model)
     texts = (load_prompts(args.data) if args.data else
              ["hi, how are you?", "Prove that sqrt(2) is irrational, step by step.",
-              "Write a Python function that merges two sorted lists. " * 30])
+              "Write a Python function that merges two sorted lists. " * 30,
+              # exam-shaped: the encoder runs
+              "Which organelle is the site of aerobic respiration in eukaryotic cells?\n"
+              "A. Ribosome\nB. Mitochondrion\nC. Golgi apparatus\nD. Lysosome\nAnswer:"])
     texts = [t for t in texts if len(t) <= args.max_chars][: args.n]
     print(json.dumps(benchmark_score(texts, clf)))
     return 0
@@ -149,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--encoder", default="builtin",
                        help="sentence encoder: builtin or a directory from export-encoder")
 
-    p = sub.add_parser("train", help="train on a routing JSONL file, write model.onnx + metadata")
+    p = sub.add_parser("train", help="train on a routing JSONL file, write metadata.json and "
+                                     "support.npy")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--no-eval", action="store_true", help="skip the cross-validation metrics")
@@ -159,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="quality vs large share, APGR, against random and length")
     p.add_argument("--data", required=True)
     p.add_argument("--model", help="evaluate this model directory too (and re-train its recipe)")
-    p.add_argument("--folds", type=int, default=10, help="subject folds (default 10)")
+    p.add_argument("--folds", type=int, default=10,
+                   help="subject folds, 2 to the number of sources (default 10)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless, on leave-subjects-out folds, the mean APGR beats "
                         "length by 0.05 and no fold falls below length")

@@ -15,7 +15,7 @@ the large tier). Two kinds of split:
 - leave-subjects-out: 10 folds of whole subjects (the `source` field); each
   fold is scored by a model trained on the other nine and routed at share s
   by its own score quantile (what the live ShareCalibrator does on new
-  traffic). Reported per fold, as the mean and the worst fold, and pooled.
+  traffic). Reported per fold, and as the mean and the worst fold.
 - leave-category-out: MMLU's own categories; train on the STEM subjects and
   test on the humanities and social sciences, and the reverse: the stand-in
   for a domain the model never saw.
@@ -26,6 +26,7 @@ of the evaluation as they are of training, and the report names them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ def subject_folds(sources: list[str], k: int = SUBJECT_FOLDS,
                   seed: int = SPLIT_SEED) -> np.ndarray:
     """Fold index per row; every source's rows share a fold."""
     names = sorted(set(sources))
+    if k < 2:
+        raise ValueError(f"a subject split needs at least 2 folds, got {k}")
     if len(names) < k:
         raise ValueError(f"a subject split with {k} folds needs at least {k} sources, "
                          f"got {len(names)}")
@@ -123,14 +126,23 @@ class Part:
     quality: dict[str, list[float]]  # router -> quality at REPORT_SHARES
     apgr: dict[str, float]  # router -> APGR
 
+    @property
+    def defined(self) -> bool:
+        return not math.isnan(self.apgr["classifier"])
+
     def to_dict(self) -> dict:
         return {
             "name": self.name, "rows": self.rows,
             "all_small_quality": round(self.all_small, 5),
             "all_large_quality": round(self.all_large, 5),
             "quality": {k: [round(x, 5) for x in v] for k, v in self.quality.items()},
-            "apgr": {k: round(v, 5) for k, v in self.apgr.items()},
+            "apgr": {k: _number(v) for k, v in self.apgr.items()},
         }
+
+
+def _number(x: float) -> float | None:
+    """Rounded for JSON; None for an undefined (NaN) figure."""
+    return None if math.isnan(x) else round(x, 5)
 
 
 def evaluate_part(name: str, scores: np.ndarray, rows: list[Row]) -> Part:
@@ -143,10 +155,13 @@ def evaluate_part(name: str, scores: np.ndarray, rows: list[Row]) -> Part:
         "random": random_curve(small, large),
     }
     at = [int(round(s * 100)) for s in REPORT_SHARES]
+    # Where both tiers are equally good on these rows there is no gap to
+    # recover: APGR is undefined (NaN), and the part is left out of means.
+    defined = curves["random"][-1] != curves["random"][0]
     return Part(name=name, rows=len(rows), all_small=float(small.mean()),
                 all_large=float(large.mean()),
                 quality={k: [float(c[i]) for i in at] for k, c in curves.items()},
-                apgr={k: apgr(c) for k, c in curves.items()})
+                apgr={k: apgr(c) if defined else math.nan for k, c in curves.items()})
 
 
 @dataclass
@@ -155,18 +170,24 @@ class SplitResult:
     parts: list[Part]
     excluded_sources: list[str]
 
+    def _defined(self) -> list[Part]:
+        return [p for p in self.parts if p.defined]
+
     def mean(self, router: str) -> float:
-        return float(np.mean([p.apgr[router] for p in self.parts]))
+        """Mean APGR over the parts where it is defined (NaN if none is)."""
+        values = [p.apgr[router] for p in self._defined()]
+        return float(np.mean(values)) if values else math.nan
 
     def worst_margin(self) -> float:
-        """Smallest classifier-minus-length APGR over the parts."""
-        return min(p.apgr["classifier"] - p.apgr["length"] for p in self.parts)
+        """Smallest classifier-minus-length APGR over the parts where it is defined."""
+        margins = [p.apgr["classifier"] - p.apgr["length"] for p in self._defined()]
+        return min(margins) if margins else math.nan
 
     def to_dict(self) -> dict:
         return {
             "split": self.name,
-            "mean_apgr": {r: round(self.mean(r), 5) for r in ROUTERS},
-            "worst_margin_over_length": round(self.worst_margin(), 5),
+            "mean_apgr": {r: _number(self.mean(r)) for r in ROUTERS},
+            "worst_margin_over_length": _number(self.worst_margin()),
             "excluded_sources": self.excluded_sources,
             "parts": [p.to_dict() for p in self.parts],
         }
@@ -245,7 +266,7 @@ def check(subjects: SplitResult, margin: float = CHECK_MARGIN) -> tuple[bool, st
     beats length by `margin`, and no fold falls below length."""
     gain = subjects.mean("classifier") - subjects.mean("length")
     worst = subjects.worst_margin()
-    ok = gain >= margin and worst >= 0.0
+    ok = bool(gain >= margin and worst >= 0.0)  # False when undefined (NaN)
     return ok, (f"mean APGR {subjects.mean('classifier'):.4f} vs length "
                 f"{subjects.mean('length'):.4f} (margin {gain:+.4f}, needs >= {margin:+.2f}); "
                 f"worst fold vs length {worst:+.4f} (needs >= 0)")
@@ -259,6 +280,10 @@ def format_result(result: SplitResult) -> str:
              f"{'random':>7} {'margin':>7}"]
     for p in result.parts:
         name = p.name if len(p.name) <= 60 else p.name[:57] + "..."
+        if not p.defined:
+            lines.append(f"{name:<60} {p.rows:>5} undefined: both tiers equally good here "
+                         f"({p.all_small:.4f}); left out of the mean")
+            continue
         lines.append(f"{name:<60} {p.rows:>5} {p.apgr['classifier']:>10.4f} "
                      f"{p.apgr['length']:>7.4f} {p.apgr['random']:>7.4f} "
                      f"{p.apgr['classifier'] - p.apgr['length']:>+7.4f}")

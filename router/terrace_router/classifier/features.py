@@ -6,23 +6,27 @@ learn topics, and topics do not transfer to held-out subjects (measured: they
 did not raise the subject-held-out APGR); shape features (length, digits,
 math symbols, multiple-choice structure, question cues) do.
 
-Three groups:
+Two groups:
 
-- learned: weights fitted on the training data (standardised first);
-- anchored: cues MMLU never contains (code requests, proofs, chit-chat).
-  Their weights are fixed in FEATURE_SPEC (`ANCHORED_WEIGHTS`) rather than
-  learned, since training data without them cannot say what they mean; they
-  encode the prior that small models fail at code and multi-step proofs and
-  handle greetings fine.
+- shape (LEARNED_FEATURES): sizes, character classes, answer-choice
+  structure, question cues. Besides feeding the model, their training
+  range says whether a prompt has the training data's shape at all
+  (training.ScoreModel.shape_weight);
+- task cues (ANCHORED_FEATURES): a code request or pasted code, a proof /
+  derivation / design request, short chit-chat. The model learns their
+  weights like the others where the data has them; the domain-free prior
+  shifts by fixed amounts for them (ANCHORED_PRIOR_SHIFT), encoding that
+  small models fail at code and multi-step proofs and handle greetings fine.
+  The words are English; a cue in another language does not fire.
 
 Everything here is pure Python over C-implemented string/bytes/regex calls
 (no per-character Python loops), and each pass over the text is paid for:
-the router scores every request, with a p99 budget of 200 us for a
-2,000-character prompt. Patterns are counted on a translated "shape" of
-the text where merged character classes let one pass stand for several;
-rare patterns and characters are searched for only when a cheaper check
-(a one-byte memchr, a word already found, a digit count) says they can
-occur. Where a fast path stands for its definition, a comment says why it
+the router scores every request, and a chat prompt is scored from these
+features alone (tens of microseconds for 2,000 characters). Patterns are
+counted on a translated "shape" of the text where merged character classes
+let one pass stand for several; rare patterns and characters are searched
+for only when a cheaper check (a one-byte memchr, a word already found, a
+digit count) says they can occur. Where a fast path stands for its definition, a comment says why it
 is the same; tests/unit/test_classifier_features_equivalence.py
 keeps the original, plainer extraction and checks the two agree exactly on
 the shared data, edge cases and random text.
@@ -68,16 +72,7 @@ FEATURE_NAMES: tuple[str, ...] = LEARNED_FEATURES + ANCHORED_FEATURES
 N_LEARNED = len(LEARNED_FEATURES)
 N_FEATURES = len(FEATURE_NAMES)
 
-# Fixed logit offsets per anchored feature for the two heads of the model:
-# (P(small tier answers correctly), P(large tier answers correctly)).
-# Negative on the small head = "the small tier is likely to fail".
-ANCHORED_WEIGHTS: dict[str, tuple[float, float]] = {
-    "task_code": (-2.0, 0.0),
-    "task_multistep_reasoning": (-2.0, 0.0),
-    "task_chitchat": (3.0, 0.0),
-}
-
-# The same cues' shift of the domain-free prior (training.Prior), in units of
+# The task cues' shift of the domain-free prior (training.ScoreModel.prior), in units of
 # expected gain E[large correct - small correct] in [-1, 1]: what the prior
 # says where the learned model is not trusted (prompts unlike the training
 # data, such as chat or code requests when it was trained on exam questions).
@@ -225,10 +220,11 @@ def clip(text: str) -> str:
 
 
 def encoder_text(text: str) -> str:
-    """What the sentence encoder reads of a prompt: its head and tail."""
-    if len(text) <= ENCODER_HEAD + ENCODER_TAIL:
-        return text
-    return text[:ENCODER_HEAD] + "\n" + text[-ENCODER_TAIL:]
+    """What the sentence encoder reads of a prompt: its head and tail, as valid
+    UTF-8 (a lone surrogate, which JSON can carry, becomes '?')."""
+    if len(text) > ENCODER_HEAD + ENCODER_TAIL:
+        text = text[:ENCODER_HEAD] + "\n" + text[-ENCODER_TAIL:]
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _count(data: bytes, chars: bytes) -> int:
@@ -383,7 +379,7 @@ def feature_spec() -> dict:
         "version": FEATURE_SPEC_VERSION,
         "names": list(FEATURE_NAMES),
         "n_learned": N_LEARNED,
-        "anchored_weights": {k: list(v) for k, v in ANCHORED_WEIGHTS.items()},
+        "prior_shifts": dict(ANCHORED_PRIOR_SHIFT),
         "clip_head_chars": CLIP_HEAD,
         "clip_tail_chars": CLIP_TAIL,
         "encoder_head_chars": ENCODER_HEAD,

@@ -12,8 +12,7 @@ score their difference, mapped to [0, 1]:
     model = 0.5 + 0.5 * (P(large correct) - P(small correct))
 
 Each head reads the prompt's all-MiniLM-L6-v2 embedding (encoder.py) and
-the learned shape features (features.py), standardised, with the anchored
-cues as fixed logit offsets.
+every shape and cue feature (features.py), standardised.
 
 A model trained on one kind of prompt extrapolates badly on another
 (measured: trained on STEM subjects it ranks humanities questions worse
@@ -59,10 +58,8 @@ import numpy as np
 from .features import (
     ANCHORED_FEATURES,
     ANCHORED_PRIOR_SHIFT,
-    ANCHORED_WEIGHTS,
     FEATURE_NAMES,
     N_LEARNED,
-    extract,
 )
 
 CHANCE_FOUR_WAY = 0.25
@@ -99,6 +96,24 @@ class TrainConfig:
     shape_decay: float = 0.25
     shape_max_out: int = 3
     seed: int = 20240601
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.l2_embedding >= 0 and self.l2_features >= 0, "L2 strengths must be >= 0"),
+            (0 <= self.min_source_large_accuracy < 1,
+             "min_source_large_accuracy must be in [0, 1)"),
+            (self.newton_iterations >= 1, "newton_iterations must be >= 1"),
+            (self.support_size >= 1 and self.neighbours >= 1,
+             "support_size and neighbours must be >= 1"),
+            (0 <= self.similarity_untrusted < self.similarity_trusted <= 1,
+             "need 0 <= similarity_untrusted < similarity_trusted <= 1"),
+            (0 <= self.shape_quantile < 0.5, "shape_quantile must be in [0, 0.5)"),
+            (0 < self.shape_decay <= 1, "shape_decay must be in (0, 1]"),
+            (self.shape_max_out >= 1, "shape_max_out must be >= 1"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"training recipe: {message}")
 
 
 @dataclass
@@ -173,43 +188,60 @@ class ScoreModel:
         return self.scores(inputs).score
 
 
+def _json_lines(path: str | Path):
+    """(line number, parsed object) of each non-blank line; ValueError naming
+    the file and line on anything that is not JSON in UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _label(obj: dict, key: str, where: str) -> bool:
+    value = obj.get(key)
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{where}: {key!r} must be true or false (or 1 or 0), got {value!r}")
+
+
 def load_rows(path: str | Path) -> list[Row]:
-    """Rows of a routing JSONL file; ValueError naming the line on bad input."""
+    """Rows of a routing JSONL file; ValueError naming the line on bad input.
+
+    Each line: {"prompt": str, "source": str, "small_correct": bool,
+    "large_correct": bool}. `source` groups prompts (a subject, a task type):
+    evaluation holds out whole sources."""
     rows: list[Row] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                row = Row(
-                    prompt=obj["prompt"],
-                    source=str(obj.get("source", "")),
-                    small_correct=bool(obj["small_correct"]),
-                    large_correct=bool(obj["large_correct"]),
-                )
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a routing row ({exc!r})") from None
-            if not isinstance(row.prompt, str):
-                raise ValueError(f"{path}:{lineno}: 'prompt' must be a string")
-            rows.append(row)
+    for lineno, obj in _json_lines(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: not a routing row (a JSON object)")
+        for key in ("prompt", "source"):
+            if not isinstance(obj.get(key), str):
+                raise ValueError(f"{where}: {key!r} must be a string")
+        rows.append(Row(prompt=obj["prompt"], source=obj["source"],
+                        small_correct=_label(obj, "small_correct", where),
+                        large_correct=_label(obj, "large_correct", where)))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
 
 
 def load_prompts(path: str | Path) -> list[str]:
-    """Just the prompts of a JSONL file (labels optional), for scoring."""
+    """Just the prompts of a JSONL file (objects with a string "prompt"), for scoring."""
     prompts = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                prompts.append(obj["prompt"] if isinstance(obj, dict) else str(obj))
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise ValueError(f"{path}:{lineno}: no 'prompt' ({exc!r})") from None
+    for lineno, obj in _json_lines(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise ValueError(f"{path}:{lineno}: needs a JSON object with a string 'prompt'")
+        prompts.append(obj["prompt"])
     return prompts
 
 
@@ -219,10 +251,6 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def feature_matrix(prompts: list[str]) -> np.ndarray:
-    return np.array([extract(p) for p in prompts], dtype=np.float64)
 
 
 def labels(rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
@@ -240,13 +268,6 @@ def excluded_sources(rows: list[Row], idx: np.ndarray, min_large_accuracy: float
         t[0] += r.large_correct
         t[1] += 1
     return sorted(s for s, (ok, n) in totals.items() if ok / n < min_large_accuracy)
-
-
-def _anchored_offset(X: np.ndarray) -> np.ndarray:
-    """Fixed logit offsets [N, 2] from the anchored features."""
-    A = X[:, N_LEARNED:]
-    W = np.array([ANCHORED_WEIGHTS[name] for name in ANCHORED_FEATURES], dtype=np.float64)
-    return A @ W
 
 
 def _newton_logistic(Z: np.ndarray, y: np.ndarray, offset: np.ndarray, l2: np.ndarray,
@@ -274,23 +295,24 @@ def fit(inputs: Inputs, small: np.ndarray, large: np.ndarray,
     X, E = inputs.features, inputs.embeddings.astype(np.float64)
     if len(X) < 10:
         raise ValueError(f"need at least 10 training rows, got {len(X)}")
-    learned = np.hstack([E, X[:, :N_LEARNED]])
-    n_learned = learned.shape[1]
+    # Every feature is learned here, the task cues too: they do occur in
+    # exam questions ("the function of the liver" is no code request), and
+    # the data says what they mean there. The prior keeps their fixed shifts
+    # for prompts unlike the data.
+    learned = np.hstack([E, X])
     mean = learned.mean(axis=0)
     std = learned.std(axis=0)
     std = np.where(std > 1e-12, std, 1.0)  # a constant input gets weight 0 anyway
     Z = (learned - mean) / std
-    offset = _anchored_offset(X)
-    weights = np.zeros((n_learned + len(ANCHORED_FEATURES), 2))
+    weights = np.zeros((learned.shape[1], 2))
     bias = np.zeros(2)
-    anchored = np.array([ANCHORED_WEIGHTS[name] for name in ANCHORED_FEATURES])
     l2 = np.concatenate([np.full(E.shape[1], config.l2_embedding),
-                         np.full(N_LEARNED, config.l2_features)])
+                         np.full(X.shape[1], config.l2_features)])
+    no_offset = np.zeros(len(X))
     for head, y in enumerate((small, large)):
-        w, b = _newton_logistic(Z, y, offset[:, head], l2, config.newton_iterations)
+        w, b = _newton_logistic(Z, y, no_offset, l2, config.newton_iterations)
         # Fold standardisation in: w.(x - mean)/std + b = (w/std).x + (b - w.mean/std)
-        weights[:n_learned, head] = w / std
-        weights[n_learned:, head] = anchored[:, head]
+        weights[:, head] = w / std
         bias[head] = b - float(np.sum(w * mean / std))
     _impute_choice_features(weights[E.shape[1]:], bias, X)
 
