@@ -262,6 +262,12 @@ class Demo:
                         )
                         tier = raw.headers.get("x-terrace-tier", "?")
                         counts[tier] = counts.get(tier, 0) + 1
+                        # Why an answer came from a larger tier than scored (overload,
+                        # low confidence, error): shown beside the tier counts.
+                        why = raw.headers.get("x-terrace-escalated")
+                        if why:
+                            key = f"escalated: {why}"
+                            counts[key] = counts.get(key, 0) + 1
                     except openai.APIStatusError as e:
                         counts[f"HTTP {e.status_code}"] = counts.get(f"HTTP {e.status_code}", 0) + 1
 

@@ -3,14 +3,15 @@
     enc = SentenceEncoder.load("builtin")   # or a dir from `terrace-classifier export-encoder`
     enc.embed(["some prompt", ...])            # float32 [N, 384], unit length
 
-A directory holds `model.onnx` (the BERT encoder with mean pooling and L2
-normalisation inside the graph, int8 dynamic-quantised weights), the
-model's own `tokenizer.json` (read with Hugging Face `tokenizers`) and
-`encoder.json` (where it came from, its dimension and the token budget).
-encoder_export.py writes it; torch is needed only there, never here.
+A directory holds `model.onnx` (the BERT encoder, for the built-in its
+first two of six layers, with mean pooling and L2 normalisation inside the
+graph, int8 dynamic-quantised weights), the model's own `tokenizer.json`
+(read with Hugging Face `tokenizers`) and `encoder.json` (where it came
+from, its layers, dimension and token budget). encoder_export.py writes it;
+torch is needed only there, never here.
 
-At most `max_tokens` word pieces of a prompt are read (48 for the built-in:
-~4.5 ms for one prompt on one core, see docs/classifier.md), of its head and
+At most `max_tokens` word pieces of a prompt are read (48 for the built-in,
+~1.9 ms for one prompt on one core, see docs/classifier.md), of its head and
 tail (features.encoder_text), so a megabyte prompt costs no more than a
 short one.
 """

@@ -91,7 +91,7 @@ class Classifier:
         return self.score_features(text, self.features(text))
 
     # The router's path, in two steps so that only the encoder run (about
-    # 4.5 ms on one core) leaves the event loop: features (tens of microseconds),
+    # 2 ms on one core) leaves the event loop: features (tens of microseconds),
     # then the score, which runs the encoder only when needs_encoder says so.
     def features(self, text: str) -> np.ndarray:
         """float64 [1, F] shape features of one prompt."""

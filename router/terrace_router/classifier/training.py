@@ -90,8 +90,8 @@ class TrainConfig:
     # Out-of-distribution weight (see the module docstring).
     support_size: int = 768
     neighbours: int = 10
-    similarity_untrusted: float = 0.20
-    similarity_trusted: float = 0.40
+    similarity_untrusted: float = 0.70
+    similarity_trusted: float = 0.78
     shape_quantile: float = 0.005
     shape_decay: float = 0.25
     shape_max_out: int = 3
