@@ -386,6 +386,12 @@ def test_a_fold_where_both_tiers_are_equal_is_reported_not_fatal(subset: Path) -
     assert split.worst_margin() == pytest.approx(other.apgr["classifier"] - other.apgr["length"])
     assert "undefined" in evaluation.format_result(split)
     assert split.to_dict()["parts"][0]["apgr"]["length"] is None
+    # A part where the tiers differ on a few rows only is flagged: its APGR is unstable.
+    few = [training.Row(f"q{i}", "s", i % 2 == 0, i % 3 != 0) for i in range(25)]
+    tiny = evaluation.evaluate_part("tiny", np.arange(25.0), few)
+    assert tiny.gap_rows == pytest.approx(3.0)
+    assert "small gap: 3 rows" in evaluation.format_result(evaluation.SplitResult("s", [tiny], []))
+    assert "small gap" not in evaluation.format_result(split)
 
 
 def test_exam_words_that_look_like_code_cues_do_not_pin_the_score(builtin: Classifier) -> None:

@@ -39,6 +39,9 @@ GRID = np.linspace(0.0, 1.0, 101)
 SUBJECT_FOLDS = 10
 SPLIT_SEED = 20240601
 CHECK_MARGIN = 0.05
+# Below this many rows of difference between the tiers, a part's APGR is a
+# ratio of small numbers and swings far outside [0, 1]: flagged in reports.
+SMALL_GAP_ROWS = 10
 
 # MMLU's categories (Hendrycks et al. 2021, the benchmark's own subject
 # table); "other" subjects (business, health, misc.) are in neither side.
@@ -125,6 +128,11 @@ class Part:
     all_large: float
     quality: dict[str, list[float]]  # router -> quality at REPORT_SHARES
     apgr: dict[str, float]  # router -> APGR
+
+    @property
+    def gap_rows(self) -> float:
+        """How many more rows the large tier gets right than the small one."""
+        return abs(self.all_large - self.all_small) * self.rows
 
     @property
     def defined(self) -> bool:
@@ -286,7 +294,9 @@ def format_result(result: SplitResult) -> str:
             continue
         lines.append(f"{name:<60} {p.rows:>5} {p.apgr['classifier']:>10.4f} "
                      f"{p.apgr['length']:>7.4f} {p.apgr['random']:>7.4f} "
-                     f"{p.apgr['classifier'] - p.apgr['length']:>+7.4f}")
+                     f"{p.apgr['classifier'] - p.apgr['length']:>+7.4f}"
+                     + (f"  small gap: {p.gap_rows:.0f} rows, APGR unstable"
+                        if p.gap_rows < SMALL_GAP_ROWS else ""))
     lines.append(f"{'mean APGR':<60} {'':>5} {result.mean('classifier'):>10.4f} "
                  f"{result.mean('length'):>7.4f} {result.mean('random'):>7.4f} "
                  f"{result.mean('classifier') - result.mean('length'):>+7.4f}")

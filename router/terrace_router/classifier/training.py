@@ -82,7 +82,7 @@ class Row:
 @dataclass(frozen=True)
 class TrainConfig:
     # Mean log-loss + l2/2 * |w|^2 on standardised inputs, per head: one
-    # strength for the 384 embedding weights, another for the shape features.
+    # strength for the 384 embedding weights, another for the shape and cue features.
     l2_embedding: float = 1.0
     l2_features: float = 0.1
     min_source_large_accuracy: float = CHANCE_FOUR_WAY
@@ -129,7 +129,9 @@ class Inputs:
 
 @dataclass
 class Scores:
-    """Per prompt: the final score and its parts, each float64 [N]."""
+    """Per prompt: the final score and its parts, each float64 [N]. `model`
+    means something only where `in_domain` > 0: elsewhere the encoder was not
+    run and it is computed from a zero embedding (with weight 0 in `score`)."""
 
     score: np.ndarray
     model: np.ndarray
