@@ -7,7 +7,7 @@ CLUSTER_DIR ?= $(CURDIR)/.cache/cluster
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: bench bench-env chart-sync help deps python tools system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean
+.PHONY: bench bench-env chart-sync help deps python tools llama real-models system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean
 
 help:
 	@echo "make demo          bring up a real cluster, install Terrace, route and scale (all set-up included)"
@@ -15,16 +15,24 @@ help:
 	@echo "make cluster-up    start the dev cluster (etcd, apiserver, controllers, kwok, Prometheus)"
 	@echo "make cluster-down  stop it"
 	@echo "make tools         build the pinned Kubernetes binaries into ~/.cache/terrace/bin"
+	@echo "make llama         build llama.cpp's llama-server into ~/.cache/terrace/bin"
+	@echo "make real-models   assemble Gemma 3 270M and convert it for onnx and torch tiers"
 
-deps: python tools system-deps
+deps: python tools llama real-models system-deps
 
 python: $(STAMPS)/python
 $(STAMPS)/python: pyproject.toml
-	$(PYTHON) -m pip install -q -e ".[torch,gpu,dev,train]"
+	$(PYTHON) -m pip install -q -e ".[torch,gpu,llm,dev,train]"
 	@mkdir -p $(STAMPS) && touch $@
 
 tools:
 	@bash hack/build-tools.sh >/dev/null
+
+llama:
+	@bash hack/build-llama-server.sh >/dev/null
+
+real-models: python
+	@$(PYTHON) hack/real-models.py >/dev/null
 
 system-deps:
 	@bash hack/install-system-deps.sh

@@ -56,25 +56,27 @@ def attempt_order(
 
 def mean_token_logprob(response: dict[str, Any], kind: str) -> float | None:
     """Mean log-probability of the sampled tokens in an OpenAI response, or
-    None when the upstream returned none."""
-    total = 0.0
-    count = 0
+    None when the upstream returned none.
+
+    Chat answers carry ``logprobs.content[].logprob``; legacy completions
+    ``logprobs.token_logprobs[]``. Either shape is read for either kind:
+    llama.cpp's server answers ``/v1/completions`` in the chat shape and
+    leaves the legacy fields null.
+    """
+    values: list[Any] = []
     for choice in response.get("choices") or ():
         lp = choice.get("logprobs") if isinstance(choice, dict) else None
         if not isinstance(lp, dict):
             continue
-        if kind == "chat":
-            for tok in lp.get("content") or ():
-                value = tok.get("logprob") if isinstance(tok, dict) else None
-                if isinstance(value, int | float) and math.isfinite(value):
-                    total += value
-                    count += 1
+        legacy = lp.get("token_logprobs")
+        if kind != "chat" and isinstance(legacy, list) and legacy:
+            values.extend(legacy)
         else:
-            for value in lp.get("token_logprobs") or ():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    total += value
-                    count += 1
-    return total / count if count else None
+            content = lp.get("content")
+            if isinstance(content, list):
+                values.extend(t.get("logprob") for t in content if isinstance(t, dict))
+    finite = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def is_low_confidence(response: dict[str, Any], kind: str, min_mean_logprob: float) -> bool:

@@ -2,6 +2,7 @@
 
 terrace-runtime serve --model URI --format onnx|torch [--device cpu|cuda] [--port P] ...
 terrace-runtime build-demo-models --out DIR [--preset demo|tiny]
+terrace-runtime convert --from GGUF|HF_FOLDER --to torch|onnx-int4|onnx-fp32 --out DIR
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         "--watts-per-core", type=float, help="CPU power model: watts per busy core (default 10)"
     )
     serve.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted")
+    serve.add_argument(
+        "--chat-template",
+        help="Jinja chat template file for a model folder (replaces the model's own); "
+        "'qa' is the packaged Q:/A: transcript for base models",
+    )
     serve.add_argument("--log-level", help="debug, info, warning, error")
 
     build = sub.add_parser("build-demo-models", help="train and export the demo models")
@@ -81,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
         help="tiny: the same models, much smaller, for tests",
     )
     build.add_argument("--seed", type=int, default=0)
+
+    conv = sub.add_parser(
+        "convert",
+        help="a GGUF file or Hugging Face folder -> a folder the runtime serves",
+        description="torch: a Hugging Face folder (fp32) for format torch; onnx-int4 / "
+        "onnx-fp32: an onnxruntime-genai folder for format onnx. Reuses --out when it "
+        "already holds the same conversion.",
+    )
+    conv.add_argument("--from", dest="source", type=Path, required=True)
+    conv.add_argument("--to", dest="form", choices=["torch", "onnx-int4", "onnx-fp32"])
+    conv.add_argument("--out", type=Path, required=True)
     return parser
 
 
@@ -126,10 +143,24 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import ConversionError, convert
+
+    try:
+        out = convert(args.source, args.form or "onnx-int4", args.out)
+    except ConversionError as exc:
+        print(f"terrace-runtime convert: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "convert":
+        return _convert(args)
     return _build(args)
 
 

@@ -1,12 +1,16 @@
 """Text generation with continuous batching of decode steps.
 
-The text models Terrace builds are byte-level and KV-cache free: one forward
-pass takes `input_ids` and `attention_mask` of shape [batch, time] (left
-padded) and returns next-token `logits` [batch, vocab]. That makes batching
-simple and real: every step, all running sequences (up to `max_batch_size`)
-are padded to the longest of them (capped at the model's context window) and
-run as one batch; new requests join at the next step and finished ones leave
-(continuous batching). Steps run on the worker thread.
+The engine schedules; a `Decoder` computes. Every step the engine admits
+waiting sequences (up to `max_batch_size` running), asks the decoder for each
+running sequence's next-token logits in one call, samples, checks stop
+strings and lengths, and retires finished or cancelled sequences, which frees
+their KV cache (`Decoder.release`). New requests join at the next step and
+finished ones leave: continuous batching. Steps run on the worker thread.
+
+Decoders: `ByteDecoder` here (Terrace's byte-level test models, KV-cache
+free: one padded forward per step), and the real language models'
+decoders in `language_models.py` (onnxruntime-genai and transformers, with a
+KV cache per sequence).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -51,8 +55,26 @@ class ByteTokenizer:
     def special_ids(self) -> tuple[int, ...]:
         return (self.pad_id, self.bos_id, self.eos_id)
 
-    def encode(self, text: str) -> list[int]:
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return frozenset((self.eos_id,))
+
+    @property
+    def never_sampled(self) -> tuple[int, ...]:
+        return (self.pad_id, self.bos_id)
+
+    @property
+    def add_bos(self) -> bool:
+        return True
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         return [self.bos_id, *text.encode("utf-8")]
+
+    @staticmethod
+    def render_chat(messages: list[dict[str, Any]]) -> str:
+        """The byte models know no chat template; a plain transcript ending in the
+        assistant's turn is what they continue."""
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
     def token_text(self, token_id: int) -> str:
         """How OpenAI shows a token: its text, or `bytes:\\xNN` for a byte that is
@@ -64,8 +86,25 @@ class ByteTokenizer:
         return {self.eos_id: "<|endoftext|>", self.bos_id: "<|bos|>"}.get(token_id, "<|pad|>")
 
     @staticmethod
-    def token_bytes(token_id: int) -> list[int]:
-        return [token_id] if token_id < 0x100 else []
+    def token_bytes(token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 0x100 else b""
+
+
+class Tokenizer(Protocol):
+    """What the engine and the OpenAI API need of a tokenizer (ByteTokenizer,
+    hf_tokenizer.HFTokenizer). Ids are ints; texts are str; bytes are UTF-8."""
+
+    vocab_size: int
+    eos_ids: frozenset[int]
+
+    @property
+    def never_sampled(self) -> tuple[int, ...]: ...
+    @property
+    def add_bos(self) -> bool: ...
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]: ...
+    def token_bytes(self, token_id: int) -> bytes: ...
+    def token_text(self, token_id: int) -> str: ...
+    def render_chat(self, messages: list[dict[str, Any]]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -84,6 +123,7 @@ class TokenEvent:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    piece: bytes | None = None  # what to show when a stop string cut the token short
 
 
 @dataclass(frozen=True)
@@ -102,11 +142,14 @@ class Sequence_:
     events: asyncio.Queue[TokenEvent | FinishEvent | BaseException]
     rng: np.random.Generator
     generated: list[int] = field(default_factory=list)
+    pieces: list[bytes] = field(default_factory=list)  # each generated token's bytes
     logprobs: list[TokenEvent] = field(default_factory=list)
     released: int = 0  # tokens handed to the client (the rest may still become a stop string)
     joules: float = 0.0
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
+    state: Any = None  # the decoder's (its KV cache)
+    tail: bytes | None = None  # set when a stop string cut the last token short
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -132,35 +175,99 @@ def choose_token(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Ge
 
 
 def find_stop(generated: bytes, stops: Sequence[bytes]) -> int | None:
-    """Index where the earliest stop string starts, if any is complete."""
+    """Byte index where the earliest stop string starts, if any is complete."""
     hits = [i for s in stops if (i := generated.find(s)) >= 0]
     return min(hits) if hits else None
 
 
-def safe_release(generated_len: int, stops: Sequence[bytes]) -> int:
+def cut_at_stop(pieces: Sequence[bytes], stops: Sequence[bytes]) -> tuple[int, bytes] | None:
+    """Where a complete stop string starts in the tokens' bytes `pieces`:
+    (how many tokens to keep, the kept part of the cut token's bytes), or None.
+    The token the stop string starts in is kept when text precedes the stop in it."""
+    at = find_stop(b"".join(pieces), stops)
+    if at is None:
+        return None
+    offset = 0
+    for n, piece in enumerate(pieces):
+        if offset + len(piece) > at:
+            return n, piece[: at - offset]
+        offset += len(piece)
+    return len(pieces), b""
+
+
+def safe_release(pieces: Sequence[bytes], stops: Sequence[bytes]) -> int:
     """How many generated tokens can be shown while a stop string may still be
-    forming at the end (tokens are bytes, so byte counts are token counts)."""
+    forming at the end: the tokens before the last (longest stop - 1) bytes."""
     if not stops:
-        return generated_len
-    return max(0, generated_len - (max(len(s) for s in stops) - 1))
+        return len(pieces)
+    hold = max(len(s) for s in stops) - 1
+    n, held = len(pieces), 0
+    while n > 0 and held < hold:
+        n -= 1
+        held += len(pieces[n])
+    return n
+
+
+class ContextTooLong(ValueError):
+    """prompt + max_tokens does not fit the model's context."""
+
+
+class Decoder(Protocol):
+    """The model side of generation: next-token logits for a batch of running
+    sequences. A decoder feeds each sequence's prompt the first time it sees
+    it and only the newest token after that (its KV cache holds the rest), and
+    keeps its per-sequence state in `seq.state`. Runs on the worker thread."""
+
+    def logits(self, batch: list[Sequence_]) -> np.ndarray:
+        """Float logits, shape [len(batch), vocab]."""
+        ...
+
+    def release(self, seq: Sequence_) -> None:
+        """Free what the decoder holds for a finished or cancelled sequence."""
+        ...
+
+
+class ByteDecoder:
+    """Terrace's byte-level test models: KV-cache free, so every step pads all
+    running sequences' contexts (left) into one [batch, time] forward pass."""
+
+    def __init__(self, run: RunFn, tokenizer: ByteTokenizer, context_length: int) -> None:
+        self._run, self._tok, self._window = run, tokenizer, context_length
+
+    def logits(self, batch: list[Sequence_]) -> np.ndarray:
+        contexts = [(s.prompt + s.generated)[-self._window :] for s in batch]
+        width = max(len(c) for c in contexts)
+        ids = np.full((len(batch), width), self._tok.pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, ctx in enumerate(contexts):
+            ids[row, width - len(ctx) :] = ctx  # left padding: the last column is "now"
+            mask[row, width - len(ctx) :] = 1
+        return self._run({"input_ids": ids, "attention_mask": mask}, ["logits"])["logits"]
+
+    def release(self, seq: Sequence_) -> None:
+        pass
 
 
 class GenerationEngine:
     def __init__(
         self,
-        run: RunFn,
+        decoder: Decoder,
         *,
-        tokenizer: ByteTokenizer,
+        tokenizer: Tokenizer,
         context_length: int,
+        sliding: bool = True,
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
         executor: Executor,
         metrics: RuntimeMetrics,
     ) -> None:
-        self._run = run
+        self._decoder = decoder
         self.tokenizer = tokenizer
         self.context_length = context_length
+        # sliding: the model sees only the last context_length tokens (the byte
+        # models); otherwise prompt + max_tokens must fit in the KV cache.
+        self.sliding = sliding
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -168,6 +275,7 @@ class GenerationEngine:
         self._metrics = metrics
         self._waiting: deque[Sequence_] = deque()
         self._active: list[Sequence_] = []
+        self._retired: list[Sequence_] = []
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -187,8 +295,14 @@ class GenerationEngine:
         self._active.clear()
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Sequence_:
+        """Queue a sequence. Raises ContextTooLong, QueueFull or BatcherClosed."""
         if self._closed:
             raise BatcherClosed("the runtime is shutting down")
+        if not self.sliding and len(prompt) + params.max_tokens > self.context_length:
+            raise ContextTooLong(
+                f"this model's maximum context length is {self.context_length} tokens; "
+                f"the prompt has {len(prompt)} and max_tokens asks for {params.max_tokens}"
+            )
         if len(self._waiting) >= self.max_queue:
             # Draining the queue takes roughly one full generation per batch slot.
             raise QueueFull(
@@ -210,6 +324,12 @@ class GenerationEngine:
     @property
     def depth(self) -> int:
         return len(self._waiting)
+
+    async def warm_up(self, prompt: list[int]) -> None:
+        """Generate two tokens so arenas and kernels are ready before traffic."""
+        seq = self.submit(prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        async for _ in self.events(seq):
+            pass
 
     def cancel(self, seq: Sequence_) -> None:
         seq.cancelled = True
@@ -246,8 +366,10 @@ class GenerationEngine:
                         except TimeoutError:
                             break
             self._admit()
-            self._active = [s for s in self._active if not s.cancelled]
+            self._retire()
             if not self._active:
+                if self._retired:
+                    await loop.run_in_executor(self._executor, self._release)
                 continue
             batch = list(self._active)
             try:
@@ -256,13 +378,28 @@ class GenerationEngine:
                 self._metrics.error("inference")
                 for seq in batch:
                     seq.events.put_nowait(exc)
-                self._active = [s for s in self._active if s not in batch]
+                    seq.cancelled = True
+                self._retire()
                 continue
             share = joules / len(batch)
             for seq, event in zip(batch, steps, strict=True):
                 seq.joules += share
                 self._advance(seq, event)
+            self._retire()
+
+    def _retire(self) -> None:
+        """Finished and cancelled sequences leave; their KV caches are freed
+        on the worker thread before the next step."""
+        gone = [s for s in self._active if s.cancelled]
+        if gone:
+            self._retired.extend(gone)
             self._active = [s for s in self._active if not s.cancelled]
+
+    def _release(self) -> None:
+        retired, self._retired = self._retired, []
+        for seq in retired:
+            self._decoder.release(seq)
+            seq.state = None
 
     def _admit(self) -> None:
         now = time.monotonic()
@@ -281,19 +418,23 @@ class GenerationEngine:
         self._metrics.child(self._metrics.tokens_generated).inc()
         params = seq.params
         finish: str | None = None
-        if event.token_id == self.tokenizer.eos_id:
+        if event.token_id in self.tokenizer.eos_ids and not params.ignore_eos:
             finish = "stop"
         else:
             seq.generated.append(event.token_id)
+            seq.pieces.append(self.tokenizer.token_bytes(event.token_id))
             seq.logprobs.append(event)
-            stop_at = find_stop(bytes(seq.generated), params.stop) if params.stop else None
-            if stop_at is not None:
-                del seq.generated[stop_at:]
-                del seq.logprobs[stop_at:]
+            cut = cut_at_stop(seq.pieces, params.stop) if params.stop else None
+            if cut is not None:
+                keep, partial = cut
+                if partial:  # the stop string starts inside this token: show its head
+                    seq.logprobs[keep] = replace(seq.logprobs[keep], piece=partial)
+                    keep += 1
+                del seq.generated[keep:], seq.pieces[keep:], seq.logprobs[keep:]
                 finish = "stop"
             elif len(seq.generated) >= params.max_tokens:
                 finish = "length"
-        release_to = len(seq.generated) if finish else safe_release(len(seq.generated), params.stop)
+        release_to = len(seq.generated) if finish else safe_release(seq.pieces, params.stop)
         for tok in seq.logprobs[seq.released : release_to]:
             seq.events.put_nowait(tok)
         seq.released = max(seq.released, release_to)
@@ -307,26 +448,18 @@ class GenerationEngine:
     # --- worker thread -------------------------------------------------
 
     def _step(self, batch: list[Sequence_]) -> tuple[list[TokenEvent], float]:
-        window = self.context_length
-        contexts = [(s.prompt + s.generated)[-window:] for s in batch]
-        width = max(len(c) for c in contexts)
-        ids = np.full((len(batch), width), self.tokenizer.pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        for row, ctx in enumerate(contexts):
-            ids[row, width - len(ctx) :] = ctx  # left padding: the last column is "now"
-            mask[row, width - len(ctx) :] = 1
+        self._release()
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        logits = self._run({"input_ids": ids, "attention_mask": mask}, ["logits"])["logits"]
-        logits = logits.astype(np.float64)
+        logits = np.asarray(self._decoder.logits(batch), dtype=np.float64)
         # Padding and BOS are never generated: renormalise over the rest.
-        logits[:, [self.tokenizer.pad_id, self.tokenizer.bos_id]] = -np.inf
+        logits[:, list(self.tokenizer.never_sampled)] = -np.inf
         logprobs = log_softmax(logits)
         events = []
         for row, seq in enumerate(batch):
             row_logprobs = logprobs[row]
             if seq.params.ignore_eos:
                 row_logprobs = row_logprobs.copy()
-                row_logprobs[self.tokenizer.eos_id] = -np.inf
+                row_logprobs[list(self.tokenizer.eos_ids)] = -np.inf
             token = choose_token(row_logprobs, seq.params, seq.rng)
             top: tuple[tuple[int, float], ...] = ()
             k = seq.params.logprobs

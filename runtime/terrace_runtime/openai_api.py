@@ -23,13 +23,15 @@ from starlette.routing import Route
 
 from .batching import BatcherClosed, QueueFull
 from .generation import (
-    ByteTokenizer,
+    ContextTooLong,
     FinishEvent,
     GenerationEngine,
     SamplingParams,
     Sequence_,
     TokenEvent,
+    Tokenizer,
 )
+from .hf_tokenizer import ChatTemplateError
 from .http import BadBody, dumps, instrumented, json_body, json_response, state_of
 from .state import RuntimeState
 
@@ -111,10 +113,13 @@ class ChatRequest(_Request):
 CHAT_DEFAULT_MAX_TOKENS = 256
 
 
-def render_chat(messages: list[Message]) -> str:
-    """The byte models know no chat template; a plain transcript ending in the
-    assistant's turn is what they continue."""
-    return "".join(f"{m.role}: {m.text()}\n" for m in messages) + "assistant:"
+def render_chat(tok: Tokenizer, messages: list[Message]) -> str:
+    """The prompt text: the model's chat template (the byte models: a plain
+    transcript). Raises APIError 400 naming `messages`."""
+    try:
+        return tok.render_chat([{"role": m.role, "content": m.text()} for m in messages])
+    except (ChatTemplateError, ValueError) as exc:
+        raise APIError(400, str(exc), param="messages") from None
 
 
 # --- errors -------------------------------------------------------------
@@ -179,10 +184,11 @@ class _Choice:
     offsets: list[int] = field(default_factory=list)
     finish: FinishEvent | None = None
 
-    def add(self, event: TokenEvent) -> str:
+    def add(self, event: TokenEvent, tok: Tokenizer) -> str:
         self.offsets.append(len(self.text))
         self.tokens.append(event)
-        delta = self.decoder.decode(bytes(ByteTokenizer.token_bytes(event.token_id)))
+        piece = event.piece if event.piece is not None else tok.token_bytes(event.token_id)
+        delta = self.decoder.decode(piece)
         self.text += delta
         return delta
 
@@ -221,7 +227,11 @@ def _check_model(state: RuntimeState, model: str) -> GenerationEngine:
 
 
 def _submit(
-    engine: GenerationEngine, prompts: list[list[int]], n: int, params: SamplingParams
+    engine: GenerationEngine,
+    prompts: list[list[int]],
+    n: int,
+    params: SamplingParams,
+    prompt_param: str,
 ) -> list[_Choice]:
     choices: list[_Choice] = []
     try:
@@ -242,6 +252,8 @@ def _submit(
         ) from None
     except BatcherClosed as exc:
         raise APIError(503, str(exc), type_="server_error", kind="not_ready") from None
+    except ContextTooLong as exc:
+        raise APIError(400, str(exc), param=prompt_param, code="context_length_exceeded") from None
     return choices
 
 
@@ -301,7 +313,7 @@ def _stream_error(err: Exception) -> str:
 
 
 def completion_logprobs(
-    tok: ByteTokenizer, events: list[TokenEvent], offsets: list[int]
+    tok: Tokenizer, events: list[TokenEvent], offsets: list[int]
 ) -> dict[str, Any]:
     return {
         "tokens": [tok.token_text(e.token_id) for e in events],
@@ -311,12 +323,12 @@ def completion_logprobs(
     }
 
 
-def chat_logprobs(tok: ByteTokenizer, events: list[TokenEvent]) -> dict[str, Any]:
+def chat_logprobs(tok: Tokenizer, events: list[TokenEvent]) -> dict[str, Any]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         return {
             "token": tok.token_text(token_id),
             "logprob": logprob,
-            "bytes": ByteTokenizer.token_bytes(token_id),
+            "bytes": list(tok.token_bytes(token_id)) or None,
         }
 
     return {
@@ -340,18 +352,16 @@ async def _parse(request: Request, model_cls: type[BaseModel]) -> Any:
         raise _from_validation(exc) from None
 
 
-def _prompts(
-    req: CompletionRequest, tok: ByteTokenizer
-) -> tuple[list[str | None], list[list[int]]]:
+def _prompts(req: CompletionRequest, tok: Tokenizer) -> tuple[list[str | None], list[list[int]]]:
     p: Any = req.prompt
     if isinstance(p, str):
         texts: list[str | None] = [p]
     elif p and all(isinstance(x, str) for x in p):
         texts = list(p)
     elif p and all(isinstance(x, int) for x in p):
-        return [None], [[tok.bos_id, *_ids(p, tok)]]
+        return [None], [_ids(p, tok)]
     elif p and all(isinstance(x, list) for x in p):
-        return [None] * len(p), [[tok.bos_id, *_ids(x, tok)] for x in p]
+        return [None] * len(p), [_ids(x, tok) for x in p]
     else:
         raise APIError(
             400, "prompt must be a string, a list of strings or token ids", param="prompt"
@@ -359,10 +369,12 @@ def _prompts(
     return texts, [tok.encode(t) for t in texts if t is not None]
 
 
-def _ids(ids: list[int], tok: ByteTokenizer) -> list[int]:
+def _ids(ids: list[int], tok: Tokenizer) -> list[int]:
+    """Token-id prompts get the beginning-of-sequence token the model expects."""
     if any(not 0 <= i < tok.vocab_size for i in ids):
         raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param="prompt")
-    return ids
+    bos = tok.encode("")
+    return ids if not bos or ids[:1] == bos[:1] else [*bos[:1], *ids]
 
 
 def _max_tokens(state: RuntimeState, value: int | None, param: str) -> int:
@@ -391,7 +403,7 @@ async def completions(request: Request) -> Response:
             seed=req.seed,
             ignore_eos=req.ignore_eos,
         )
-        choices = _submit(engine, prompts, req.n, params)
+        choices = _submit(engine, prompts, req.n, params, "prompt")
     except APIError as err:
         return _error_response(state, err)
 
@@ -416,7 +428,7 @@ async def completions(request: Request) -> Response:
                         )
                 async for c, event in _merged(engine, choices):
                     if isinstance(event, TokenEvent):
-                        delta = c.add(event)
+                        delta = c.add(event, tok)
                         if delta or req.logprobs is not None:
                             yield _sse(
                                 {
@@ -473,10 +485,7 @@ async def chat_completions(request: Request) -> Response:
         req: ChatRequest = await _parse(request, ChatRequest)
         engine = _check_model(state, req.model)
         tok = engine.tokenizer
-        try:
-            prompt = tok.encode(render_chat(req.messages))
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
+        prompt = tok.encode(render_chat(tok, req.messages))
         top = req.top_logprobs if req.top_logprobs is not None else 0
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -490,7 +499,7 @@ async def chat_completions(request: Request) -> Response:
             seed=req.seed,
             ignore_eos=req.ignore_eos,
         )
-        choices = _submit(engine, [prompt], req.n, params)
+        choices = _submit(engine, [prompt], req.n, params, "messages")
     except APIError as err:
         return _error_response(state, err)
 
@@ -523,7 +532,7 @@ async def chat_completions(request: Request) -> Response:
                     )
                 async for c, event in _merged(engine, choices):
                     if isinstance(event, TokenEvent):
-                        delta = c.add(event)
+                        delta = c.add(event, tok)
                         if delta or req.logprobs:
                             yield _sse(
                                 {
@@ -630,7 +639,7 @@ async def _collect(engine, choices, state) -> Response | None:
     try:
         async for c, event in _merged(engine, choices):
             if isinstance(event, TokenEvent):
-                c.add(event)
+                c.add(event, engine.tokenizer)
             else:
                 c.close(event)
     except Exception as exc:

@@ -41,6 +41,10 @@ class ServeSettings(BaseSettings):
     energy_model: Literal["cpu", "none"] = "cpu"
     watts_per_core: float = Field(default=10.0, ge=0)
     max_tokens_limit: int = Field(default=4096, ge=1)
+    # A Jinja chat template file for language-model folders, replacing the
+    # model's own (vLLM's --chat-template); "qa" names the packaged
+    # question-and-answer transcript for base models.
+    chat_template: str | None = None
     log_level: str = "info"
 
     @model_validator(mode="after")

@@ -13,7 +13,8 @@ from typing import Literal
 
 from .batching import TensorBatcher
 from .cgroup import container_threads
-from .generation import ByteTokenizer, GenerationEngine
+from .generation import ByteDecoder, ByteTokenizer, Decoder, GenerationEngine, Tokenizer
+from .language_models import LanguageModel, is_model_folder, load_language_model
 from .metrics import CpuPowerModel, RuntimeMetrics
 from .models import Backend, ModelInfo, ModelLoadError, load_backend, warmup_inputs
 from .quantize import quantize_int8
@@ -38,6 +39,7 @@ class RuntimeState:
     info: ModelInfo | None = None
     batcher: TensorBatcher | None = None
     engine: GenerationEngine | None = None
+    language_model: LanguageModel | None = None
     model_path: Path | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -72,6 +74,9 @@ class RuntimeState:
             self.model_path = path
             threads = container_threads(s.threads)
             self.reason = "loading the model"
+            if is_model_folder(path):
+                await self._load_language_model(path, threads)
+                return
             backend = await loop.run_in_executor(
                 self.executor,
                 lambda: load_backend(
@@ -108,6 +113,63 @@ class RuntimeState:
                 self.model_path,
             )
 
+    async def _load_language_model(self, path: Path, threads: int) -> None:
+        """A model folder: onnxruntime-genai (onnx) or transformers (torch)."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        lm = await loop.run_in_executor(
+            self.executor,
+            lambda: load_language_model(
+                path,
+                fmt=s.format,
+                device=s.resolved_device(),
+                threads=threads,
+                chat_template=s.chat_template,
+            ),
+        )
+        self.language_model, self.info = lm, lm.info
+        self.reason = "warming up"
+        self.engine = self._engine(lm.decoder, lm.tokenizer, lm.context_length, sliding=False)
+        self.engine.start()
+        await self.engine.warm_up(lm.tokenizer.encode("Hello"))
+        engine = self.engine
+        self.metrics.queue_depth.labels(self.name).set_function(lambda: engine.depth)
+        self._mark_ready()
+        log.info(
+            "language model %s ready: %s on %s, %d threads, %s, from %s",
+            self.name,
+            lm.info.format,
+            lm.info.device,
+            threads,
+            lm.info.quantization,
+            path,
+        )
+
+    def _engine(
+        self, decoder: Decoder, tokenizer: Tokenizer, context_length: int, *, sliding: bool
+    ) -> GenerationEngine:
+        s = self.settings
+        return GenerationEngine(
+            decoder,
+            tokenizer=tokenizer,
+            context_length=context_length,
+            sliding=sliding,
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue=s.max_queue,
+            executor=self.executor,
+            metrics=self.metrics,
+        )
+
+    def _mark_ready(self) -> None:
+        info = self.info
+        assert info is not None
+        self.metrics.info.labels(
+            self.name, info.format, info.task, info.device, info.quantization, str(info.threads)
+        ).set(1)
+        self.metrics.ready.labels(self.name).set(1)
+        self.status, self.reason = "ready", ""
+
     def _fail(self, reason: str) -> None:
         self.status, self.reason = "failed", reason
         log.error("model %s failed to load: %s", self.name, reason)
@@ -126,16 +188,10 @@ class RuntimeState:
         assert self.backend is not None and self.info is not None
         s, info = self.settings, self.info
         if info.task == "text-generation":
-            self.engine = GenerationEngine(
-                self.backend.run,
-                tokenizer=ByteTokenizer.from_metadata(info.extra["tokenizer"]),
-                context_length=int(info.extra["context_length"]),
-                max_batch_size=s.max_batch_size,
-                max_wait_s=s.max_wait_ms / 1000,
-                max_queue=s.max_queue,
-                executor=self.executor,
-                metrics=self.metrics,
-            )
+            tokenizer = ByteTokenizer.from_metadata(info.extra["tokenizer"])
+            context = int(info.extra["context_length"])
+            decoder = ByteDecoder(self.backend.run, tokenizer, context)
+            self.engine = self._engine(decoder, tokenizer, context, sliding=True)
             self.engine.start()
         # Raw tensors are served over OIP v2 for every model, text models included.
         self.batcher = TensorBatcher(
@@ -153,11 +209,7 @@ class RuntimeState:
         self.metrics.queue_depth.labels(self.name).set_function(
             lambda: batcher.depth + (engine.depth if engine is not None else 0)
         )
-        self.metrics.info.labels(
-            self.name, info.format, info.task, info.device, info.quantization, str(info.threads)
-        ).set(1)
-        self.metrics.ready.labels(self.name).set(1)
-        self.status, self.reason = "ready", ""
+        self._mark_ready()
 
     async def close(self) -> None:
         self.status, self.reason = "failed", "shutting down"
@@ -166,8 +218,9 @@ class RuntimeState:
             await self.engine.stop()
         if self.batcher is not None:
             await self.batcher.stop()
-        backend = self.backend
-        self.backend = None
-        if backend is not None:
-            await asyncio.get_running_loop().run_in_executor(self.executor, backend.close)
+        backend, lm = self.backend, self.language_model
+        self.backend = self.language_model = None
+        for closable in (backend, lm):
+            if closable is not None:
+                await asyncio.get_running_loop().run_in_executor(self.executor, closable.close)
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,8 +1,12 @@
-"""Model URIs -> a local file.
+"""Model URIs -> a local file or model folder.
 
 Supported: plain paths and `file://`, `pvc://claim/path` (a PersistentVolumeClaim
 the pod mounts under a root directory), and `http(s)://` (downloaded once into
-a cache directory, verified against a sha256 when one is given). Anything else
+a cache directory, verified against a sha256 when one is given). A path may
+name a file (an ONNX or TorchScript model) or a folder (an onnxruntime-genai
+or Hugging Face model folder); an `http(s)://` URL ending in .tar, .tar.gz,
+.tgz or .zip is an archive of such a folder, unpacked once next to the
+download (as KServe's storage initializer does). Anything else
 (`s3://`, `hf://`, ...) is refused with a message that says what to do instead:
 the runtime never pulls from a hub by itself.
 """
@@ -12,7 +16,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -105,14 +112,14 @@ def resolve_model_uri(
     parsed = parse_model_uri(uri, sha256)
     if parsed.scheme == "file":
         path = Path(parsed.location)
-        if not path.is_file():
-            raise ModelURIError(f"model file not found: {path}")
+        if not path.exists():
+            raise ModelURIError(f"model file not found: {path} (no file or folder there)")
         _verify(path, parsed.sha256)
         return path
     if parsed.scheme == "pvc":
         tried = pvc_candidates(parsed.location, pvc_root)
         for path in tried:
-            if path.is_file():
+            if path.exists():
                 _verify(path, parsed.sha256)
                 return path
         raise ModelURIError(
@@ -120,12 +127,55 @@ def resolve_model_uri(
             + ", ".join(str(p) for p in tried)
             + " (is the claim mounted? set --pvc-root)"
         )
-    return _download(parsed, cache_dir, timeout_s)
+    downloaded = _download(parsed, cache_dir, timeout_s)
+    return unpack(downloaded) if archive_kind(downloaded.name) else downloaded
+
+
+ARCHIVES = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar", ".zip": "zip"}
+
+
+def archive_kind(name: str) -> str | None:
+    return next((kind for ext, kind in ARCHIVES.items() if name.endswith(ext)), None)
+
+
+def unpack(archive: Path) -> Path:
+    """Unpack `archive` once into a folder beside it; the model folder is the
+    archive's single top-level folder when it has one, else the folder itself.
+    Members that would land outside the folder (absolute paths, ``..``, links
+    out) are refused: tarfile's "data" filter."""
+    kind = archive_kind(archive.name)
+    stem = archive.name
+    for ext in ARCHIVES:
+        stem = stem.removesuffix(ext)
+    target = archive.parent / f"{stem}.d"
+    if not target.is_dir():
+        tmp = Path(tempfile.mkdtemp(dir=archive.parent, prefix=".unpack-"))
+        try:
+            if kind == "tar":
+                with tarfile.open(archive) as tar:
+                    tar.extractall(tmp, filter="data")
+            else:
+                with zipfile.ZipFile(archive) as zf:
+                    for member in zf.namelist():
+                        if member.startswith("/") or ".." in Path(member).parts:
+                            raise ModelURIError(f"{archive.name}: unsafe member path {member!r}")
+                    zf.extractall(tmp)
+            os.replace(tmp, target)
+        except (tarfile.TarError, zipfile.BadZipFile, OSError) as exc:
+            raise ModelURIError(f"cannot unpack {archive.name}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    entries = [p for p in target.iterdir() if not p.name.startswith(".")]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
 
 
 def _verify(path: Path, expected: str | None) -> None:
     if expected is None:
         return
+    if path.is_dir():
+        raise ModelURIError(
+            f"{path} is a folder: a sha256 pins one file (pin the archive it came in instead)"
+        )
     actual = file_sha256(path)
     if actual != expected:
         raise ModelURIError(f"sha256 mismatch for {path}: expected {expected}, got {actual}")

@@ -60,6 +60,13 @@ def test_mean_token_logprob_chat_and_completions():
     assert policy.mean_token_logprob(comp, "completions") == pytest.approx(-1.0)
     assert policy.mean_token_logprob({"choices": [{"logprobs": None}]}, "chat") is None
     assert policy.mean_token_logprob({"choices": []}, "chat") is None
+    # llama.cpp's server answers /v1/completions in the chat shape, legacy fields null.
+    llama = {
+        "choices": [
+            {"logprobs": {"token_logprobs": None, **_chat(-2.0, -4.0)["choices"][0]["logprobs"]}}
+        ]
+    }
+    assert policy.mean_token_logprob(llama, "completions") == pytest.approx(-3.0)
 
 
 def test_low_confidence_threshold_and_no_signal_keeps_the_answer():

@@ -21,12 +21,14 @@ from onnx import TensorProto, helper, numpy_helper
 from terrace_runtime.batching import QueueFull, TensorBatcher, retry_after_seconds
 from terrace_runtime.cgroup import cgroup_cpu_limit, parse_cfs, parse_cpu_max, threads_for
 from terrace_runtime.generation import (
+    ByteDecoder,
     ByteTokenizer,
     FinishEvent,
     GenerationEngine,
     SamplingParams,
     TokenEvent,
     choose_token,
+    cut_at_stop,
     find_stop,
     log_softmax,
     safe_release,
@@ -414,8 +416,17 @@ def test_tokenizer_and_token_text() -> None:
 def test_stop_helpers() -> None:
     assert find_stop(b"hello world", [b"wor", b"lo"]) == 3
     assert find_stop(b"hello", [b"x"]) is None
-    assert safe_release(10, [b"abc"]) == 8
-    assert safe_release(10, []) == 10
+    singles = [b"x"] * 10
+    assert safe_release(singles, [b"abc"]) == 8
+    assert safe_release(singles, []) == 10
+    # Multi-byte tokens: hold back tokens covering the last (longest stop - 1) bytes.
+    pieces = [b"Hello", b" wor", b"ld", b"!"]
+    assert safe_release(pieces, [b"abcd"]) == 2  # "ld!" (3 bytes) may start a stop
+    assert safe_release(pieces, [b"ab"]) == 3
+    # A stop string that starts inside a token keeps that token's head.
+    assert cut_at_stop(pieces, [b"orl"]) == (1, b" w")
+    assert cut_at_stop(pieces, [b" wor"]) == (1, b"")
+    assert cut_at_stop(pieces, [b"zz"]) is None
 
 
 def test_sampling() -> None:
@@ -455,7 +466,7 @@ def _engine(lm: CountingLM, pool: ThreadPoolExecutor, **kw: int | float) -> Gene
     options: dict[str, int | float] = {"max_batch_size": 4, "max_wait_s": 0.0, "max_queue": 8}
     options.update(kw)
     return GenerationEngine(
-        lm,
+        ByteDecoder(lm, ByteTokenizer(), 6),
         tokenizer=ByteTokenizer(),
         context_length=6,
         executor=pool,

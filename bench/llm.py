@@ -1,0 +1,283 @@
+"""The language-model half of `bench/runtime.py`: one real model (Gemma 3 270M,
+from hack/real-models.py) served three ways on the same cores, one server at a
+time, side by side in one run:
+
+- Terrace's runtime, format onnx (onnxruntime-genai int4 folder);
+- Terrace's runtime, format torch (transformers, fp32 folder);
+- llama.cpp's `llama-server` on the Q4_K_M GGUF (hack/build-llama-server.sh),
+  with as many slots as the highest concurrency.
+
+Each serves streamed `/v1/completions` of `max_tokens` tokens (ignore_eos) at
+concurrency 1 and 8. Reported: generated tokens/s, time to first token
+p50/p99, inter-token latency p50, peak RSS. Also a bare onnxruntime-genai
+generate loop (greedy, batch 1, same threads) for the runtime's added
+inter-token latency at concurrency 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "Q: What is the capital of France?\nA:",
+    "The history of the printing press begins",
+    "Q: Why is the sky blue?\nA:",
+    "Once upon a time, in a small village by the sea,",
+    "Q: How do plants make their food?\nA:",
+    "The three most important ideas in economics are",
+    "Q: What does a compiler do?\nA:",
+    "In the morning the market opened and",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare() -> tuple[dict[str, Path], Path]:
+    models = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "real-models.py")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    llama = subprocess.run(
+        ["bash", str(ROOT / "hack" / "build-llama-server.sh")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    paths = {k: Path(v) for k, v in json.loads(models.stdout.strip().splitlines()[-1]).items()}
+    return paths, Path(llama.stdout.strip().splitlines()[-1])
+
+
+class Proc:
+    def __init__(self, argv: list[str], port: int, ready: str, model: str) -> None:
+        self.port, self.model = port, model
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + ready, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{argv[0]} not ready")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@dataclass
+class Run:
+    tokens: int = 0
+    wall_s: float = 0.0
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+
+async def _one(client: httpx.AsyncClient, proc: Proc, prompt: str, max_tokens: int, run: Run):
+    body = {
+        "model": proc.model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    start = time.perf_counter()
+    last = None
+    count = 0
+    try:
+        async with client.stream("POST", proc.url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                run.errors += 1
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    run.ttft_s.append(now - start)
+                else:
+                    run.itl_s.append(now - last)
+                last = now
+                count += 1
+    except httpx.HTTPError:
+        run.errors += 1
+        return
+    run.tokens += count
+
+
+def load(proc: Proc, concurrency: int, requests: int, max_tokens: int) -> Run:
+    async def go() -> Run:
+        run = Run()
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            queue = list(range(requests))
+
+            async def worker() -> None:
+                while queue:
+                    i = queue.pop()
+                    await _one(client, proc, PROMPTS[i % len(PROMPTS)], max_tokens, run)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            run.wall_s = time.perf_counter() - start
+        return run
+
+    return asyncio.run(go())
+
+
+def bare_genai_itl(folder: Path, threads: int, max_tokens: int) -> float:
+    """Median inter-token latency of onnxruntime-genai's own generate loop."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    model = og.Model(config)
+    from terrace_runtime.hf_tokenizer import HFTokenizer
+
+    tok = HFTokenizer(folder)
+    gaps: list[float] = []
+    for prompt in PROMPTS[:4]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=4096, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.asarray(tok.encode(prompt), dtype=np.int32))
+        last = time.perf_counter()
+        for _ in range(max_tokens):
+            gen.generate_next_token()
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        del gen
+    del model
+    return statistics.median(gaps[1:])
+
+
+def servers(models: dict[str, Path], llama: Path, threads: int, slots: int) -> dict[str, list]:
+    runtime = [sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1"]
+    return {
+        "terrace onnx (ort-genai int4)": [
+            *runtime, "--model", str(models["onnx"]), "--format", "onnx", "--name", "m",
+            "--threads", str(threads), "--max-batch-size", str(slots),
+        ],
+        "terrace torch (transformers fp32)": [
+            *runtime, "--model", str(models["torch"]), "--format", "torch", "--name", "m",
+            "--device", "cpu", "--threads", str(threads), "--max-batch-size", str(slots),
+        ],
+        "llama-server (Q4_K_M)": [
+            str(llama), "-m", str(models["gguf"]), "--host", "127.0.0.1", "-t", str(threads),
+            "-c", str(1024 * slots), "-np", str(slots), "-a", "m",
+        ],
+    }  # fmt: skip
+
+
+def run_llm_bench(max_tokens: int = 48, requests_c8: int = 16) -> tuple[list, dict]:
+    """Rows for the table and the headline figures."""
+    models, llama = prepare()
+    threads = os.cpu_count() or 1
+    results: dict[str, dict] = {}
+    for name, argv in servers(models, llama, threads, 8).items():
+        port = free_port()
+        if name.startswith("llama"):
+            argv = [*argv, "--port", str(port)]
+            proc = Proc(argv, port, "/health", "m")
+        else:
+            argv = [*argv, "--port", str(port)]
+            proc = Proc(argv, port, "/v2/health/ready", "m")
+        try:
+            load(proc, 2, 2, 8)  # warm-up
+            c1 = load(proc, 1, 4, max_tokens)
+            c8 = load(proc, 8, requests_c8, max_tokens)
+            results[name] = {"c1": c1, "c8": c8, "rss": proc.peak_rss_mb()}
+        finally:
+            proc.stop()
+    bare = bare_genai_itl(models["onnx"], threads, max_tokens)
+    rows = []
+    for name, r in results.items():
+        c1, c8 = r["c1"], r["c8"]
+        ttft = sorted(c8.ttft_s) or [float("nan")]
+        rows.append(
+            (
+                name,
+                f"{c1.tps:6.1f} / {c8.tps:6.1f} tok/s",
+                f"TTFT c8 p50 {statistics.median(ttft) * 1e3:.0f} ms p99 "
+                f"{ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] * 1e3:.0f} ms, ITL c1 p50 "
+                f"{statistics.median(c1.itl_s) * 1e3:.1f} ms, peak RSS {r['rss']:.0f} MB, "
+                f"{c1.errors + c8.errors} errors",
+            )
+        )
+    ort = results["terrace onnx (ort-genai int4)"]
+    lcpp = results["llama-server (Q4_K_M)"]
+    ort_itl = statistics.median(ort["c1"].itl_s)
+    rows.append(("bare onnxruntime-genai loop, c1", f"ITL p50 {bare * 1e3:.1f} ms", ""))
+    ratio = ort["c8"].tps / lcpp["c8"].tps
+    overhead = ort_itl / bare - 1
+    rows.append(
+        (
+            "terrace onnx vs llama-server, c8",
+            f"{ratio:.2f}x tok/s",
+            f"target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'}",
+        )
+    )
+    rows.append(
+        (
+            "terrace onnx ITL over bare loop, c1",
+            f"{overhead:+.1%}",
+            f"target <= +10%: {'met' if overhead <= 0.10 else 'MISSED'}",
+        )
+    )
+    figures = {
+        "ort_tps_c8": round(ort["c8"].tps, 2),
+        "llamacpp_tps_c8": round(lcpp["c8"].tps, 2),
+        "ratio_c8": round(ratio, 3),
+        "itl_overhead_c1": round(overhead, 4),
+        "torch_tps_c8": round(results["terrace torch (transformers fp32)"]["c8"].tps, 2),
+    }
+    return rows, figures
+
+
+if __name__ == "__main__":
+    table, headline = run_llm_bench()
+    width = max(len(r[0]) for r in table)
+    for name, value, note in table:
+        print(f"{name:{width}}  {value:>28}  {note}")
+    print(json.dumps(headline))

@@ -1,0 +1,416 @@
+"""Real causal language models from a model folder, as generation `Decoder`s.
+
+- ``format: onnx``: an onnxruntime-genai folder (``genai_config.json``,
+  ``model.onnx``; made by ``terrace-runtime convert --to onnx-int4``). The
+  CPU provider, or CUDA when asked for and present. Each sequence owns an
+  ``og.Generator`` (its KV cache); the engine samples from the logits the
+  generator returns and appends the chosen token, so sampling, seeds, stop
+  strings and logprobs are the same code for every model.
+- ``format: torch``: a Hugging Face folder (``config.json`` and weights;
+  ``terrace-runtime convert --to torch``) loaded with transformers'
+  ``AutoModelForCausalLM`` on CUDA when present, else CPU. Each sequence owns
+  a KV cache; a step runs the sequences whose caches have the same length as
+  one batch.
+
+Both read the folder's own tokenizer (`hf_tokenizer.HFTokenizer`). Load
+errors raise `models.ModelLoadError` with the reason shown in
+``/v2/health/ready``. Weights never come from a hub: the folder is local.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .generation import Sequence_
+from .hf_tokenizer import HFTokenizer, TokenizerError
+from .models import ModelInfo, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LanguageModel:
+    info: ModelInfo
+    tokenizer: HFTokenizer
+    decoder: Any  # generation.Decoder
+    context_length: int
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+def is_model_folder(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "genai_config.json").exists() or (path / "config.json").exists()
+    )
+
+
+def load_language_model(
+    path: Path, *, fmt: str, device: str, threads: int, chat_template: str | None = None
+) -> LanguageModel:
+    """Load the folder `path` as `fmt` ("onnx" or "torch"). Raises ModelLoadError."""
+    try:
+        tokenizer = HFTokenizer(path, chat_template=chat_template)
+    except TokenizerError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if fmt == "onnx":
+        if not (path / "genai_config.json").exists():
+            raise ModelLoadError(
+                f"{path} is not an onnxruntime-genai folder (no genai_config.json); "
+                "make one with `terrace-runtime convert --to onnx-int4`"
+            )
+        decoder: Any = OnnxDecoder(path, device=device, threads=threads)
+    elif fmt == "torch":
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"{path} is not a Hugging Face model folder (no config.json); "
+                "make one with `terrace-runtime convert --to torch`"
+            )
+        decoder = TransformersDecoder(path, device=device, threads=threads)
+    else:
+        raise ModelLoadError(f"unknown model format {fmt!r} for a model folder")
+    info = ModelInfo(
+        task="text-generation",
+        format=fmt,
+        platform="onnxruntime_genai" if fmt == "onnx" else "pytorch_transformers",
+        device=decoder.device,
+        threads=threads,
+        inputs=(),
+        outputs=(),
+        quantization=decoder.quantization,
+        extra={"architecture": decoder.architecture},
+    )
+    return LanguageModel(info, tokenizer, decoder, decoder.context_length)
+
+
+class BatchedOnnxDecoder:
+    """An onnxruntime-genai folder's ``model.onnx`` run with onnxruntime
+    directly, stepping every running sequence in one batch.
+
+    The model builder's decoder takes ``input_ids`` [B, S], ``attention_mask``
+    [B, T] and per layer ``past_key_values.{i}.key/value`` [B, kv_heads, P,
+    head]; its GroupQueryAttention reads each row's length from the mask
+    (``sum(mask) - 1``) and applies RoPE at that row's own positions. So rows
+    of different lengths share one batch when their caches are right-padded:
+    row b's tokens fill the first len_b positions and its mask has len_b ones.
+    A new sequence is prefilled alone (S = prompt length) and its cache joins
+    the batch; a finished one leaves it. Full-attention caches are [B,
+    kv_heads, T, head] with T the longest row; sliding-window layers (Gemma 3)
+    keep a fixed window-sized buffer, which this decoder never slides: it
+    serves sequences that fit in the window (`fits`), and `OnnxDecoder` gives
+    the longer ones to onnxruntime-genai.
+    """
+
+    def __init__(self, folder: Path, *, threads: int) -> None:
+        import onnxruntime as ort
+
+        from .models import session_options
+
+        raw = json.loads((folder / "genai_config.json").read_text())
+        model = raw.get("model", {})
+        dec = model.get("decoder", {})
+        names = dec.get("inputs", {})
+        outputs = dec.get("outputs", {})
+        self.layers = int(dec["num_hidden_layers"])
+        self.past = [
+            (names["past_key_names"] % i, names["past_value_names"] % i) for i in range(self.layers)
+        ]
+        self.present = [
+            (outputs["present_key_names"] % i, outputs["present_value_names"] % i)
+            for i in range(self.layers)
+        ]
+        try:
+            self.session = ort.InferenceSession(
+                str(folder / dec.get("filename", "model.onnx")),
+                session_options(threads),
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"onnxruntime cannot load {folder}: {exc}") from exc
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        expected = {"input_ids", "attention_mask", *(n for pair in self.past for n in pair)}
+        if set(inputs) != expected:
+            raise UnsupportedGraph(f"inputs {sorted(set(inputs) ^ expected)} differ")
+        first = inputs[self.past[0][0]]
+        self.kv_heads = int(dec.get("num_key_value_heads") or first.shape[1])
+        self.head = int(dec.get("head_size") or first.shape[3])
+        self.dtype = np.float16 if "float16" in first.type else np.float32
+        self.device = "cpu"
+        self.context_length = int(model.get("context_length") or 2048)
+        sliding = dec.get("sliding_window") or {}
+        self.window = int(sliding.get("window_size") or 0)
+        self.sliding_layers = set(sliding.get("layers") or ()) if self.window else set()
+        self.architecture = str(model.get("type", "unknown"))
+        self.quantization = _onnx_precision(folder / dec.get("filename", "model.onnx"), "none")
+        # The batch: rows in `self.rows` order, caches right-padded to `width`.
+        self.rows: list[Sequence_] = []
+        self.lengths: list[int] = []
+        self.cache: list[np.ndarray] = []
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]):
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        for (k, v), i in zip(self.past, range(self.layers), strict=True):
+            feeds[k], feeds[v] = cache[2 * i], cache[2 * i + 1]
+        names = ["logits", *(n for pair in self.present for n in pair)]
+        out = self.session.run(names, feeds)
+        return out[0], out[1:]
+
+    def fits(self, seq: Sequence_) -> bool:
+        """Whether the whole sequence stays inside the sliding window."""
+        return not self.window or len(seq.prompt) + seq.params.max_tokens <= self.window
+
+    def _empty(self, batch: int) -> list[np.ndarray]:
+        out = []
+        for i in range(self.layers):
+            width = self.window if i in self.sliding_layers else 0
+            shape = (batch, self.kv_heads, width, self.head)
+            out += [np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)]
+        return out
+
+    def _grows(self, index: int) -> bool:
+        """Cache tensor `index` is a full-attention layer's (it grows by a token a step)."""
+        return index // 2 not in self.sliding_layers
+
+    def logits(self, batch: list[Sequence_]) -> np.ndarray:
+        rows: dict[int, np.ndarray] = {}
+        # Sequences that left since the last step drop out of the batch.
+        keep = [i for i, seq in enumerate(self.rows) if seq.state is self]
+        if len(keep) != len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            self.lengths = [self.lengths[i] for i in keep]
+            width = max(self.lengths, default=0)
+            self.cache = [
+                c[keep, :, :width] if self._grows(i) else c[keep] for i, c in enumerate(self.cache)
+            ]
+        # One decode step for every sequence already in the batch.
+        if self.rows:
+            width = max(self.lengths)
+            ids = np.asarray([[seq.generated[-1]] for seq in self.rows], dtype=np.int64)
+            mask = np.zeros((len(self.rows), width + 1), dtype=np.int64)
+            for r, n in enumerate(self.lengths):
+                mask[r, : n + 1] = 1
+            logits, self.cache = self._run(ids, mask, self.cache)
+            self.lengths = [n + 1 for n in self.lengths]
+            for r, seq in enumerate(self.rows):
+                rows[id(seq)] = logits[r, -1]
+        # Prefill each new sequence alone, then let its cache join the batch.
+        for seq in batch:
+            if seq.state is not None:
+                continue
+            n = len(seq.prompt)
+            ids = np.asarray([seq.prompt], dtype=np.int64)
+            logits, cache = self._run(ids, np.ones((1, n), np.int64), self._empty(1))
+            rows[id(seq)] = logits[0, -1]
+            self._join(seq, n, cache)
+        return np.stack([rows[id(seq)] for seq in batch])
+
+    def _join(self, seq: Sequence_, length: int, cache: list[np.ndarray]) -> None:
+        seq.state = self
+        if not self.rows:
+            self.rows, self.lengths, self.cache = [seq], [length], cache
+            return
+        merged = []
+        for old, new in zip(self.cache, cache, strict=True):
+            width = max(old.shape[2], new.shape[2])
+            pad_old = width - old.shape[2]
+            pad_new = width - new.shape[2]
+            if pad_old:
+                old = np.pad(old, ((0, 0), (0, 0), (0, pad_old), (0, 0)))
+            if pad_new:
+                new = np.pad(new, ((0, 0), (0, 0), (0, pad_new), (0, 0)))
+            merged.append(np.concatenate([old, new], axis=0))
+        self.rows.append(seq)
+        self.lengths.append(length)
+        self.cache = merged
+
+    def release(self, seq: Sequence_) -> None:
+        seq.state = None  # the next step drops its row
+
+    def close(self) -> None:
+        self.rows, self.cache = [], []
+        del self.session
+
+
+class OnnxDecoder:
+    """format onnx: sequences that fit the model's sliding window (all of
+    them for models without one) step together in `BatchedOnnxDecoder`;
+    longer ones run on onnxruntime-genai's own generator (`OgaDecoder`),
+    which slides the window. Graphs the batcher does not know run all on
+    onnxruntime-genai."""
+
+    def __init__(self, folder: Path, *, device: str, threads: int) -> None:
+        self.oga = OgaDecoder(folder, device=device, threads=threads)
+        self.batched: BatchedOnnxDecoder | None = None
+        if self.oga.device == "cpu":
+            try:
+                self.batched = BatchedOnnxDecoder(folder, threads=threads)
+            except (UnsupportedGraph, KeyError) as exc:
+                log.warning("%s: no batched decoding (%s); one generator per sequence", folder, exc)
+        self.device = self.oga.device
+        self.context_length = self.oga.context_length
+        self.architecture = self.oga.architecture
+        self.quantization = self.oga.quantization
+
+    def logits(self, batch: list[Sequence_]) -> np.ndarray:
+        batched = self.batched
+        if batched is None:
+            return self.oga.logits(batch)
+        together = [s for s in batch if s.state is batched or (s.state is None and batched.fits(s))]
+        alone = [
+            s for s in batch if not (s.state is batched or (s.state is None and batched.fits(s)))
+        ]
+        rows: dict[int, np.ndarray] = {}
+        if together:
+            rows.update(zip(map(id, together), batched.logits(together), strict=True))
+        if alone:
+            rows.update(zip(map(id, alone), self.oga.logits(alone), strict=True))
+        return np.stack([rows[id(s)] for s in batch])
+
+    def release(self, seq: Sequence_) -> None:
+        seq.state = None
+
+    def close(self) -> None:
+        if self.batched is not None:
+            self.batched.close()
+        self.oga.close()
+
+
+class UnsupportedGraph(Exception):
+    """The ONNX graph is not the model builder's GQA decoder this batches."""
+
+
+class OgaDecoder:
+    """onnxruntime-genai: one ``og.Generator`` per sequence (any model the
+    library runs; the fallback when `BatchedOnnxDecoder` cannot batch it)."""
+
+    def __init__(self, folder: Path, *, device: str, threads: int) -> None:
+        try:
+            import onnxruntime_genai as og
+        except ImportError as exc:
+            raise ModelLoadError(
+                "onnxruntime-genai is not installed (pip install 'terrace[llm]')"
+            ) from exc
+        self.og = og
+        raw = json.loads((folder / "genai_config.json").read_text())
+        decoder_cfg = raw.get("model", {}).get("decoder", {})
+        try:
+            config = og.Config(str(folder))
+            config.clear_providers()
+            want_cuda = device.startswith("cuda") or device == "auto"
+            if want_cuda and og.is_cuda_available():
+                config.append_provider("cuda")
+                self.device = "cuda:0"
+            else:
+                if device.startswith("cuda"):
+                    log.warning("CUDA requested but onnxruntime-genai has no CUDA; using CPU")
+                self.device = "cpu"
+            options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+            self.model = og.Model(config)
+        except Exception as exc:  # onnxruntime-genai raises RuntimeError/OgaException
+            raise ModelLoadError(f"onnxruntime-genai cannot load {folder}: {exc}") from exc
+        self.context_length = int(raw.get("model", {}).get("context_length") or 2048)
+        self.architecture = str(raw.get("model", {}).get("type", "unknown"))
+        weights = json.dumps(decoder_cfg)
+        self.quantization = "int4" if "int4" in weights or "q4" in weights.lower() else "none"
+        if (folder / "model.onnx").exists():
+            self.quantization = _onnx_precision(folder / "model.onnx", self.quantization)
+
+    def logits(self, batch: list[Sequence_]) -> np.ndarray:
+        rows = []
+        for seq in batch:
+            if seq.state is None:
+                params = self.og.GeneratorParams(self.model)
+                params.set_search_options(max_length=self.context_length)
+                seq.state = self.og.Generator(self.model, params)
+                seq.state.append_tokens(np.asarray(seq.prompt, dtype=np.int32))
+            else:
+                seq.state.append_tokens(np.asarray(seq.generated[-1:], dtype=np.int32))
+            rows.append(np.asarray(seq.state.get_logits(), dtype=np.float32).reshape(-1))
+        return np.stack(rows)
+
+    def release(self, seq: Sequence_) -> None:
+        seq.state = None
+
+    def close(self) -> None:
+        del self.model
+
+
+def _onnx_precision(path: Path, default: str) -> str:
+    """int4 when the graph has MatMulNBits nodes (the model builder's int4)."""
+    try:
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:
+        return default
+    return "int4" if any(n.op_type == "MatMulNBits" for n in graph.node) else "none"
+
+
+class TransformersDecoder:
+    """transformers ``AutoModelForCausalLM`` with a KV cache per sequence.
+
+    Sequences whose caches hold the same number of tokens step together as
+    one batch (their caches are stacked along the batch dimension for the
+    step and split after); the others step alone. Prompts are prefilled one
+    sequence at a time.
+    """
+
+    def __init__(self, folder: Path, *, device: str, threads: int) -> None:
+        try:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError as exc:
+            raise ModelLoadError(
+                "transformers and torch are needed for format torch (pip install 'terrace[llm]')"
+            ) from exc
+        self.torch = torch
+        if (device in ("auto", "cuda") or device.startswith("cuda")) and torch.cuda.is_available():
+            self.device = "cuda:0" if device in ("auto", "cuda") else device
+        else:
+            if device.startswith("cuda"):
+                log.warning("CUDA requested but torch sees no GPU; using CPU")
+            self.device = "cpu"
+            torch.set_num_threads(threads)
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            dtype = torch.bfloat16 if self.device != "cpu" else torch.float32
+            self.model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, local_files_only=True
+            ).to(self.device)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"transformers cannot load {folder}: {exc}") from exc
+        self.model.eval()
+        self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+        self.architecture = str(getattr(config, "model_type", "unknown"))
+        self.quantization = "none"
+
+    def logits(self, batch: list[Sequence_]) -> np.ndarray:
+        torch = self.torch
+        out = np.empty((len(batch), 0), dtype=np.float32)
+        rows: list[np.ndarray | None] = [None] * len(batch)
+        with torch.inference_mode():
+            for i, seq in enumerate(batch):
+                if seq.state is None:
+                    ids = torch.tensor([seq.prompt], device=self.device)
+                else:
+                    ids = torch.tensor([seq.generated[-1:]], device=self.device)
+                result = self.model(input_ids=ids, past_key_values=seq.state, use_cache=True)
+                seq.state = result.past_key_values
+                rows[i] = result.logits[0, -1].float().cpu().numpy()
+        out = np.stack(rows)  # type: ignore[arg-type]
+        return out
+
+    def release(self, seq: Sequence_) -> None:
+        seq.state = None
+
+    def close(self) -> None:
+        del self.model
+        if self.device.startswith("cuda"):
+            self.torch.cuda.empty_cache()
