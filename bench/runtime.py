@@ -9,7 +9,14 @@ Prints a table:
   2. dynamic batching: throughput at concurrency 32 with --max-batch-size 32
      vs --max-batch-size 1 (target: >= 3x);
   3. int8 dynamic quantization vs fp32: file size and direct latency.
-The last line is JSON: overhead_p50_ms, overhead_ratio, batching_gain, int8_speedup.
+  4. language models (bench/llm.py): Gemma 3 270M on Terrace's onnxruntime-genai
+     runtime, Terrace's torch runtime and llama.cpp's llama-server on the same
+     cores: tokens/s at concurrency 1 and 8, time to first token, inter-token
+     latency, peak RSS (targets: onnx >= 1.5x llama-server's tokens/s at
+     concurrency 8; inter-token latency at concurrency 1 within 10% of a bare
+     onnxruntime-genai generate loop).
+The last line is JSON: overhead_p50_ms, overhead_ratio, batching_gain,
+int8_speedup, ort_tps_c8, llamacpp_tps_c8, ratio_c8, itl_overhead_c1, torch_tps_c8.
 
 The client speaks raw HTTP/1.1 over keep-alive sockets with a pre-encoded
 body, so that on a small machine the load generator costs little CPU next to
@@ -32,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from llm import run_llm_bench
 from terrace_runtime.cgroup import container_threads
 from terrace_runtime.models import session_options
 from terrace_runtime.quantize import quantize_int8
@@ -274,6 +282,7 @@ def main() -> None:
     parser.add_argument(
         "--spinning", action="store_true", help="serve and measure with onnxruntime spinning on"
     )
+    parser.add_argument("--no-llm", action="store_true", help="skip the language-model table")
     args = parser.parse_args()
     global SPINNING
     SPINNING = args.spinning
@@ -383,20 +392,21 @@ def main() -> None:
             f"size {sizes['fp32'] / sizes['int8']:.1f}x smaller",
         ),
     ]
+    figures = {
+        "overhead_p50_ms": round(overhead * 1e3, 4),
+        "overhead_ratio": round(ratio, 4),
+        "batching_gain": round(gain, 3),
+        "int8_speedup": round(speedup, 3),
+    }
+    if not args.no_llm:
+        llm_rows, llm_figures = run_llm_bench()
+        rows += [("-- language models: c1 / c8 generated tokens/s", "", "")] + llm_rows
+        figures.update(llm_figures)
     width = max(len(r[0]) for r in rows)
     print(f"{'case':{width}}  {'result':>28}  notes")
     for name, value, note in rows:
         print(f"{name:{width}}  {value:>28}  {note}")
-    print(
-        json.dumps(
-            {
-                "overhead_p50_ms": round(overhead * 1e3, 4),
-                "overhead_ratio": round(ratio, 4),
-                "batching_gain": round(gain, 3),
-                "int8_speedup": round(speedup, 3),
-            }
-        )
-    )
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -450,24 +450,26 @@ class GenerationEngine:
     def _step(self, batch: list[Sequence_]) -> tuple[list[TokenEvent], float]:
         self._release()
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        logits = np.asarray(self._decoder.logits(batch), dtype=np.float64)
+        # float32 and one row at a time: a real vocabulary is 10^5 wide, and
+        # a greedy step needs only its argmax and one log-sum-exp.
+        logits = np.array(self._decoder.logits(batch), dtype=np.float32)
         # Padding and BOS are never generated: renormalise over the rest.
         logits[:, list(self.tokenizer.never_sampled)] = -np.inf
-        logprobs = log_softmax(logits)
         events = []
         for row, seq in enumerate(batch):
-            row_logprobs = logprobs[row]
+            scores = logits[row]
             if seq.params.ignore_eos:
-                row_logprobs = row_logprobs.copy()
-                row_logprobs[list(self.tokenizer.eos_ids)] = -np.inf
+                scores[list(self.tokenizer.eos_ids)] = -np.inf
+            peak = scores.max()
+            row_logprobs = scores - (peak + np.log(np.exp(scores - peak).sum()))
             token = choose_token(row_logprobs, seq.params, seq.rng)
             top: tuple[tuple[int, float], ...] = ()
             k = seq.params.logprobs
             if k:
-                best = np.argpartition(-logprobs[row], k)[:k]
-                best = best[np.argsort(-logprobs[row][best])]
-                top = tuple((int(t), float(logprobs[row][t])) for t in best)
-            events.append(TokenEvent(token, float(logprobs[row][token]), top))
+                best = np.argpartition(-row_logprobs, k)[:k]
+                best = best[np.argsort(-row_logprobs[best])]
+                top = tuple((int(t), float(row_logprobs[t])) for t in best)
+            events.append(TokenEvent(token, float(row_logprobs[token]), top))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         self._step_seconds = 0.8 * self._step_seconds + 0.2 * wall
         joules = self._metrics.observe_batch(len(batch), wall, cpu)

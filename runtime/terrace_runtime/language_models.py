@@ -52,7 +52,13 @@ def is_model_folder(path: Path) -> bool:
 
 
 def load_language_model(
-    path: Path, *, fmt: str, device: str, threads: int, chat_template: str | None = None
+    path: Path,
+    *,
+    fmt: str,
+    device: str,
+    threads: int,
+    chat_template: str | None = None,
+    spinning: bool = False,
 ) -> LanguageModel:
     """Load the folder `path` as `fmt` ("onnx" or "torch"). Raises ModelLoadError."""
     try:
@@ -65,7 +71,7 @@ def load_language_model(
                 f"{path} is not an onnxruntime-genai folder (no genai_config.json); "
                 "make one with `terrace-runtime convert --to onnx-int4`"
             )
-        decoder: Any = OnnxDecoder(path, device=device, threads=threads)
+        decoder: Any = OnnxDecoder(path, device=device, threads=threads, spinning=spinning)
     elif fmt == "torch":
         if not (path / "config.json").exists():
             raise ModelLoadError(
@@ -107,7 +113,9 @@ class BatchedOnnxDecoder:
     the longer ones to onnxruntime-genai.
     """
 
-    def __init__(self, folder: Path, *, threads: int) -> None:
+    def __init__(self, folder: Path, *, threads: int, spinning: bool = False) -> None:
+        """`spinning`: onnxruntime's pool threads spin between ops (its own
+        default, and onnxruntime-genai's) or sleep (Terrace's default)."""
         import onnxruntime as ort
 
         from .models import session_options
@@ -128,7 +136,7 @@ class BatchedOnnxDecoder:
         try:
             self.session = ort.InferenceSession(
                 str(folder / dec.get("filename", "model.onnx")),
-                session_options(threads),
+                session_options(threads, spinning),
                 providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -142,7 +150,7 @@ class BatchedOnnxDecoder:
         self.head = int(dec.get("head_size") or first.shape[3])
         self.dtype = np.float16 if "float16" in first.type else np.float32
         self.device = "cpu"
-        self.context_length = int(model.get("context_length") or 2048)
+        self.context_length = int(model.get("context_length") or 2048)  # longer: OgaDecoder
         sliding = dec.get("sliding_window") or {}
         self.window = int(sliding.get("window_size") or 0)
         self.sliding_layers = set(sliding.get("layers") or ()) if self.window else set()
@@ -244,18 +252,31 @@ class OnnxDecoder:
     which slides the window. Graphs the batcher does not know run all on
     onnxruntime-genai."""
 
-    def __init__(self, folder: Path, *, device: str, threads: int) -> None:
-        self.oga = OgaDecoder(folder, device=device, threads=threads)
+    def __init__(self, folder: Path, *, device: str, threads: int, spinning: bool = False) -> None:
+        self._folder, self._device, self._threads = folder, device, threads
+        self._oga: OgaDecoder | None = None
         self.batched: BatchedOnnxDecoder | None = None
-        if self.oga.device == "cpu":
+        if not device.startswith("cuda"):
             try:
-                self.batched = BatchedOnnxDecoder(folder, threads=threads)
+                self.batched = BatchedOnnxDecoder(folder, threads=threads, spinning=spinning)
             except (UnsupportedGraph, KeyError) as exc:
                 log.warning("%s: no batched decoding (%s); one generator per sequence", folder, exc)
-        self.device = self.oga.device
-        self.context_length = self.oga.context_length
-        self.architecture = self.oga.architecture
-        self.quantization = self.oga.quantization
+        if self.batched is None:
+            self._oga = OgaDecoder(folder, device=device, threads=threads)
+        info = self.batched or self._oga
+        assert info is not None
+        self.device = info.device
+        self.context_length = info.context_length
+        self.architecture = info.architecture
+        self.quantization = info.quantization
+
+    @property
+    def oga(self) -> OgaDecoder:
+        """onnxruntime-genai's generator, loaded on the first sequence that needs
+        it (a second copy of the weights in memory from then on)."""
+        if self._oga is None:
+            self._oga = OgaDecoder(self._folder, device=self._device, threads=self._threads)
+        return self._oga
 
     def logits(self, batch: list[Sequence_]) -> np.ndarray:
         batched = self.batched
@@ -278,7 +299,8 @@ class OnnxDecoder:
     def close(self) -> None:
         if self.batched is not None:
             self.batched.close()
-        self.oga.close()
+        if self._oga is not None:
+            self._oga.close()
 
 
 class UnsupportedGraph(Exception):

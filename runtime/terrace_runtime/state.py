@@ -125,6 +125,7 @@ class RuntimeState:
                 device=s.resolved_device(),
                 threads=threads,
                 chat_template=s.chat_template,
+                spinning=s.spinning,
             ),
         )
         self.language_model, self.info = lm, lm.info
