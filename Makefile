@@ -32,7 +32,7 @@ llama:
 	@bash hack/build-llama-server.sh >/dev/null
 
 real-models: python
-	@$(PYTHON) hack/real-models.py >/dev/null
+	@$(PYTHON) hack/real_models.py >/dev/null
 
 system-deps:
 	@bash hack/install-system-deps.sh

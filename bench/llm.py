@@ -1,5 +1,5 @@
 """The language-model half of `bench/runtime.py`: one real model (Gemma 3 270M,
-from hack/real-models.py) served three ways on the same cores, one server at a
+from hack/real_models.py) served three ways on the same cores, one server at a
 time, side by side in one run:
 
 - Terrace's runtime, format onnx (onnxruntime-genai int4 folder);
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,9 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "hack"))
+from localproc import ServerProcess, free_port  # noqa: E402
+
 PROMPTS = [
     "Q: What is the capital of France?\nA:",
     "The history of the printing press begins",
@@ -48,15 +50,9 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def prepare() -> tuple[dict[str, Path], Path]:
     models = subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "real-models.py")],
+        [sys.executable, str(ROOT / "hack" / "real_models.py")],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     llama = subprocess.run(
@@ -65,38 +61,6 @@ def prepare() -> tuple[dict[str, Path], Path]:
     )  # fmt: skip
     paths = {k: Path(v) for k, v in json.loads(models.stdout.strip().splitlines()[-1]).items()}
     return paths, Path(llama.stdout.strip().splitlines()[-1])
-
-
-class Proc:
-    def __init__(self, argv: list[str], port: int, ready: str, model: str) -> None:
-        self.port, self.model = port, model
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{argv[0]} exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + ready, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"{argv[0]} not ready")
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 @dataclass
@@ -112,9 +76,14 @@ class Run:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
 
-async def _one(client: httpx.AsyncClient, proc: Proc, prompt: str, max_tokens: int, run: Run):
+MODEL = "m"  # the name every server serves the model under here
+
+
+async def _one(
+    client: httpx.AsyncClient, proc: ServerProcess, prompt: str, max_tokens: int, run: Run
+) -> None:
     body = {
-        "model": proc.model,
+        "model": MODEL,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -148,7 +117,7 @@ async def _one(client: httpx.AsyncClient, proc: Proc, prompt: str, max_tokens: i
     run.tokens += count
 
 
-def load(proc: Proc, concurrency: int, requests: int, max_tokens: int) -> Run:
+def load(proc: ServerProcess, concurrency: int, requests: int, max_tokens: int) -> Run:
     async def go() -> Run:
         run = Run()
         limits = httpx.Limits(max_connections=concurrency)
@@ -222,12 +191,8 @@ def run_llm_bench(max_tokens: int = 48, requests_c8: int = 16) -> tuple[list, di
     results: dict[str, dict] = {}
     for name, argv in servers(models, llama, threads, 8).items():
         port = free_port()
-        if name.startswith("llama"):
-            argv = [*argv, "--port", str(port)]
-            proc = Proc(argv, port, "/health", "m")
-        else:
-            argv = [*argv, "--port", str(port)]
-            proc = Proc(argv, port, "/v2/health/ready", "m")
+        ready = "/health" if name.startswith("llama") else "/v2/health/ready"
+        proc = ServerProcess(name, [*argv, "--port", str(port)], port, ready).wait(300)
         try:
             load(proc, 2, 2, 8)  # warm-up
             c1 = load(proc, 1, 4, max_tokens)

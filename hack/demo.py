@@ -2,14 +2,17 @@
 """`make demo`: Terrace end to end on a real (local) Kubernetes control plane.
 
 1. the dev cluster: etcd, kube-apiserver, controllers, scheduler, kwok, Prometheus;
-2. `helm install` of charts/terrace (operator + fake-GPU power agent);
-3. the demo models, built by Terrace's own code (no downloads);
-4. `kubectl apply` of crds/samples/ (a CPU tier, a GPU tier, a router);
+2. the real model: Gemma 3 270M (base) from its PyPI package, converted once
+   by `terrace-runtime convert` (hack/real_models.py) and served as /models;
+3. `helm install` of charts/terrace (operator + fake-GPU power agent);
+4. `kubectl apply` of crds/samples/ (an onnxruntime-genai CPU tier, an
+   external llama.cpp tier, a torch "GPU" tier, a router over the three);
 5. the pods kwok fakes run as local processes (hack/podrunner.py): the
-   operator, the agent, the runtimes and the router, the same entry points
-   the images run;
-6. easy and hard prompts through the `openai` client; a burst of load; the
-   scaling and power decisions as they happen; joules per request per tier.
+   operator, the agent, the runtimes, llama-server and the router, the same
+   entry points the images run;
+6. questions through the `openai` client: the tier, the answer, tokens/s;
+   a burst of load; the scaling and power decisions as they happen; joules
+   per request and per token per tier.
 
 KEEP=1 leaves everything running and prints how to use it.
 tests/e2e/test_demo.py runs the same flow with assertions.
@@ -38,7 +41,14 @@ from podrunner import PodRunner  # noqa: E402
 NS = "demo"
 SYSTEM_NS = "terrace-system"
 API_KEY = "sk-terrace-demo-1"  # from crds/samples/tierrouter.yaml's Secret
-EASY = ["Hi there!", "What is 2 + 2?", "Say hello in French.", "What colour is the sky?"]
+# Gemma 3 270M is a base model: short factual questions, asked as a "Q: ... A:"
+# transcript (the tiers' `qa` chat template), are what it answers well.
+EASY = [
+    "What is the capital of France?",
+    "What colour is the sky on a clear day?",
+    "How many legs does a spider have?",
+    "What is the largest planet in the solar system?",
+]
 HARD = [
     "Prove that there are infinitely many prime numbers, then generalise the argument to primes of the form 4k+3.",
     "Write a Python function that parses a context-free grammar in Backus-Naur form and returns a CYK parser "
@@ -100,13 +110,20 @@ class Demo:
         return out.stdout
 
     def build_models(self) -> None:
-        manifest = self.models_dir / "manifest.json"
-        if manifest.exists():
-            print(f"    demo models already built in {self.models_dir}")
-            return
-        subprocess.run(
-            ["terrace-runtime", "build-demo-models", "--out", str(self.models_dir)], check=True
-        )
+        """The real model, prepared once (hack/real_models.py) and linked as
+        <models_dir>/gemma3-270m, which the pods see as /models/gemma3-270m."""
+        from real_models import prepare
+
+        paths = prepare()
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        link = self.models_dir / "gemma3-270m"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(paths["gguf"].parent, target_is_directory=True)
+        for name, path in paths.items():
+            files = path.rglob("*") if path.is_dir() else [path]
+            size = sum(f.stat().st_size for f in files)
+            print(f"    {name:5} {size / 1e6:7.0f} MB  /models/gemma3-270m/{path.name}")
 
     def install(self) -> None:
         self.helm(
@@ -161,6 +178,7 @@ class Demo:
                 ("terrace-router", ""),
                 ("terrace-runtime", "small-cpu"),
                 ("terrace-runtime", "large-gpu"),
+                ("llama-server", "llama-cpu"),
             } <= ready
 
         self.runner.wait_ready(up, timeout=240)
@@ -224,18 +242,23 @@ class Demo:
                 raw = c.chat.completions.with_raw_response.create(
                     model="auto",
                     messages=[{"role": "user", "content": prompt}],
-                    max_tokens=16,
+                    max_tokens=24,
                     temperature=0,
+                    stop=["\n"],
                 )
                 completion = raw.parse()
+                seconds = time.perf_counter() - started
+                tokens = completion.usage.completion_tokens if completion.usage else 0
                 results.append(
                     {
                         "prompt": prompt,
                         "tier": raw.headers.get("x-terrace-tier"),
                         "complexity": float(raw.headers.get("x-terrace-complexity", "nan")),
                         "escalated": raw.headers.get("x-terrace-escalated", "") or "-",
-                        "latency_ms": (time.perf_counter() - started) * 1000,
-                        "answer": (completion.choices[0].message.content or "").replace("\n", " "),
+                        "latency_ms": seconds * 1000,
+                        "tokens": tokens,
+                        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+                        "answer": (completion.choices[0].message.content or "").strip(),
                     }
                 )
         return results
@@ -332,10 +355,13 @@ class Demo:
                     f"{st.get('readyReplicas', 0)}/{st.get('replicas', 0)}",
                     st.get("powerLimitWatts", "-"),
                     st.get("energyPerRequestJoules", "-"),
+                    st.get("energyPerTokenJoules", "-"),
                 ]
             )
         return table(
-            ["tier", "device", "ready/replicas", "power limit (W, enforced)", "J/request"], rows
+            ["tier", "device", "ready/replicas", "power limit (W, enforced)", "J/request",
+             "J/token"],
+            rows,
         )
 
     def stop(self) -> None:
@@ -365,7 +391,7 @@ def main() -> int:
         print(cluster.kubectl("get", "nodes", "-L", "terrace.dev/accelerator").stdout, end="")
 
         step(
-            "2/7 Demo models, built by Terrace's own code from Python's standard library text (no downloads)"
+            "2/7 The model: Gemma 3 270M (base, Google's Gemma terms) from PyPI, converted by terrace-runtime convert"
         )
         demo.build_models()
 
@@ -374,10 +400,14 @@ def main() -> int:
         )
         demo.install()
 
-        step("4/7 kubectl apply -f crds/samples/  (a CPU tier, a GPU tier, a router over both)")
+        step(
+            "4/7 kubectl apply -f crds/samples/  (onnx CPU tier, external llama.cpp tier, torch GPU tier, a router)"
+        )
         demo.apply_samples()
 
-        step("5/7 Running the pods as local processes (operator, agent, runtimes, router)")
+        step(
+            "5/7 Running the pods as local processes (operator, agent, runtimes, llama-server, router)"
+        )
         demo.run_pods()
         demo.wait_tiers_ready()
 
@@ -385,19 +415,22 @@ def main() -> int:
         results = demo.ask(EASY[:3] + HARD[:3])
         print(
             table(
-                ["prompt", "complexity", "tier", "escalated", "latency ms"],
+                ["prompt", "complexity", "tier", "escalated", "tokens/s"],
                 [
                     [
                         r["prompt"][:48] + ("…" if len(r["prompt"]) > 48 else ""),
                         f"{r['complexity']:.3f}",
                         r["tier"],
                         r["escalated"],
-                        f"{r['latency_ms']:.0f}",
+                        f"{r['tokens_per_s']:.1f}",
                     ]
                     for r in results
                 ],
             )
         )
+        for r in results:
+            print(f"    Q: {r['prompt'][:70]}{'…' if len(r['prompt']) > 70 else ''}")
+            print(f"    A ({r['tier']}): {r['answer'][:110]}")
 
         step(
             "7/7 A burst of load (45 s, 24 clients), then quiet: scaling and power decisions as they happen"

@@ -47,6 +47,9 @@ from kubernetes import client, config
 
 log = logging.getLogger("podrunner")
 IMAGES = ("terrace-operator", "terrace-router", "terrace-runtime", "terrace-agent")
+# External tiers' images that run as a local program: llama.cpp's server image
+# runs the llama-server that hack/build-llama-server.sh built from source.
+EXTERNAL_IMAGES = {"ghcr.io/ggml-org/llama.cpp:server": "llama-server"}
 NO_ENDPOINT = "http://127.0.0.1:9"  # discard port: refused, so the router moves on
 
 
@@ -174,12 +177,14 @@ class PodRunner:
             argv = [*(c.command or []), *(c.args or [])]
             if argv and argv[0] in IMAGES:
                 return argv[0]
+            if c.image in EXTERNAL_IMAGES:
+                return EXTERNAL_IMAGES[c.image]
         return None
 
     def _launch(self, pod: Any) -> None:
         c = pod.spec.containers[0]
         argv = [*(c.command or []), *(c.args or [])]
-        program = argv[0]
+        program = self._program(pod) or argv[0]
         port = free_port()
         meta = pod.metadata
         env = {**os.environ, **self._env(pod, c)}
@@ -192,6 +197,13 @@ class PodRunner:
             router_config = local_dir / "router.yaml"
             argv = _set_flag(_set_flag(argv, "--port", str(port)), "--config", str(router_config))
             argv = _set_flag(argv, "--host", "127.0.0.1")
+        elif program == "llama-server":
+            # The image's entrypoint is the server; its args are the pod's.
+            argv = [_llama_server(), *(c.args or [])]
+            argv = _set_flag(_set_flag(argv, "--port", str(port)), "--host", "127.0.0.1")
+            model = _get_flag(argv, "-m") or _get_flag(argv, "--model")
+            if model and model.startswith("/models/"):
+                argv = _set_flag(argv, "-m", str(self.models_dir / model[len("/models/") :]))
         elif program == "terrace-agent":
             argv = _set_flag(argv, "--metrics-port", str(port))
             argv = _set_flag(argv, "--metrics-address", "127.0.0.1")
@@ -406,10 +418,21 @@ class PodRunner:
 
 
 
-def _answers(local: LocalPod) -> bool:
-    path = {"terrace-runtime": "/v2/health/ready", "terrace-router": "/readyz"}.get(
-        local.program, "/metrics"
+def _llama_server() -> str:
+    """The llama-server binary (built once; a no-op when warm)."""
+    root = Path(__file__).resolve().parent
+    done = subprocess.run(
+        ["bash", str(root / "build-llama-server.sh")], capture_output=True, text=True, check=True
     )
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _answers(local: LocalPod) -> bool:
+    path = {
+        "terrace-runtime": "/v2/health/ready",
+        "terrace-router": "/readyz",
+        "llama-server": "/health",
+    }.get(local.program, "/metrics")
     if local.program == "terrace-operator":
         return local.proc.poll() is None
     try:

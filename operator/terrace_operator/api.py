@@ -134,6 +134,7 @@ class ModelTierStatus(_Model):
     power_limit_watts: int | None = None
     desired_power_limit_watts: int | None = None
     energy_per_request_joules: str | None = None
+    energy_per_token_joules: str | None = None
     last_scaling: list[ScalingEvent] | None = None
     conditions: list[Condition] | None = None
 

@@ -435,6 +435,8 @@ class Controller:
             )
             if e is not None:
                 out["energyPerRequestJoules"] = format_joules(e.per_request)
+                if e.per_token is not None:
+                    out["energyPerTokenJoules"] = format_joules(e.per_token)
                 if self.energy_metrics is not None:
                     self.energy_metrics.record(namespace, name, e)
 

@@ -33,6 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+from .uris import file_sha256
+
 Form = Literal["torch", "onnx-int4", "onnx-fp32"]
 FORMS: tuple[Form, ...] = ("torch", "onnx-int4", "onnx-fp32")
 MANIFEST = "terrace-convert.json"
@@ -48,14 +50,6 @@ TOKENIZER_FILES = (
 
 class ConversionError(RuntimeError):
     """The input cannot be converted; the message says why."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_digest(source: Path) -> str:

@@ -216,7 +216,9 @@ class Decoder(Protocol):
     """The model side of generation: next-token logits for a batch of running
     sequences. A decoder feeds each sequence's prompt the first time it sees
     it and only the newest token after that (its KV cache holds the rest), and
-    keeps its per-sequence state in `seq.state`. Runs on the worker thread."""
+    keeps its per-sequence state in `seq.state`. Every sequence a decoder holds
+    state for is in each batch until it is released (the engine's running
+    set). Runs on the worker thread."""
 
     def logits(self, batch: list[Sequence_]) -> np.ndarray:
         """Float logits, shape [len(batch), vocab]."""

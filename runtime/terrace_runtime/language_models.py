@@ -100,17 +100,20 @@ class BatchedOnnxDecoder:
     directly, stepping every running sequence in one batch.
 
     The model builder's decoder takes ``input_ids`` [B, S], ``attention_mask``
-    [B, T] and per layer ``past_key_values.{i}.key/value`` [B, kv_heads, P,
+    [B, T] and per layer ``past_key_values.{i}.key/value`` [B, kv_heads, C,
     head]; its GroupQueryAttention reads each row's length from the mask
-    (``sum(mask) - 1``) and applies RoPE at that row's own positions. So rows
-    of different lengths share one batch when their caches are right-padded:
-    row b's tokens fill the first len_b positions and its mask has len_b ones.
-    A new sequence is prefilled alone (S = prompt length) and its cache joins
-    the batch; a finished one leaves it. Full-attention caches are [B,
-    kv_heads, T, head] with T the longest row; sliding-window layers (Gemma 3)
-    keep a fixed window-sized buffer, which this decoder never slides: it
-    serves sequences that fit in the window (`fits`), and `OnnxDecoder` gives
-    the longer ones to onnxruntime-genai.
+    (``sum(mask) - 1``), applies RoPE at that row's own positions, and, when
+    a layer's past and present are the same memory, writes the new token's
+    key and value in place after the row's last one. So every running
+    sequence owns a **slot**: row r of one preallocated buffer per layer
+    ([slots, kv_heads, C, head]), shared by past and present through IO
+    binding. A step binds the first n rows; nothing is copied. A new
+    sequence is prefilled alone straight into its slot; a finished one's
+    slot is refilled by moving the last row into it, which keeps the running
+    rows contiguous. C (the capacity) is the model's sliding window (Gemma
+    3: 512), which its sliding-window layers require, or 1024 without one;
+    `fits` says which sequences this decoder serves (`OnnxDecoder` gives the
+    longer ones to onnxruntime-genai, which slides the window).
     """
 
     def __init__(self, folder: Path, *, threads: int, spinning: bool = False) -> None:
@@ -133,11 +136,10 @@ class BatchedOnnxDecoder:
             (outputs["present_key_names"] % i, outputs["present_value_names"] % i)
             for i in range(self.layers)
         ]
+        path = folder / dec.get("filename", "model.onnx")
         try:
             self.session = ort.InferenceSession(
-                str(folder / dec.get("filename", "model.onnx")),
-                session_options(threads, spinning),
-                providers=["CPUExecutionProvider"],
+                str(path), session_options(threads, spinning), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"onnxruntime cannot load {folder}: {exc}") from exc
@@ -146,99 +148,96 @@ class BatchedOnnxDecoder:
         if set(inputs) != expected:
             raise UnsupportedGraph(f"inputs {sorted(set(inputs) ^ expected)} differ")
         first = inputs[self.past[0][0]]
+        if "float" not in first.type or "16" in first.type:
+            raise UnsupportedGraph(f"KV cache type {first.type} (float32 only)")
         self.kv_heads = int(dec.get("num_key_value_heads") or first.shape[1])
         self.head = int(dec.get("head_size") or first.shape[3])
-        self.dtype = np.float16 if "float16" in first.type else np.float32
         self.device = "cpu"
         self.context_length = int(model.get("context_length") or 2048)  # longer: OgaDecoder
-        sliding = dec.get("sliding_window") or {}
-        self.window = int(sliding.get("window_size") or 0)
-        self.sliding_layers = set(sliding.get("layers") or ()) if self.window else set()
+        self.window = int((dec.get("sliding_window") or {}).get("window_size") or 0)
+        self.capacity = self.window or min(self.context_length, 1024)
         self.architecture = str(model.get("type", "unknown"))
-        self.quantization = _onnx_precision(folder / dec.get("filename", "model.onnx"), "none")
-        # The batch: rows in `self.rows` order, caches right-padded to `width`.
-        self.rows: list[Sequence_] = []
-        self.lengths: list[int] = []
-        self.cache: list[np.ndarray] = []
-
-    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]):
-        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
-        for (k, v), i in zip(self.past, range(self.layers), strict=True):
-            feeds[k], feeds[v] = cache[2 * i], cache[2 * i + 1]
-        names = ["logits", *(n for pair in self.present for n in pair)]
-        out = self.session.run(names, feeds)
-        return out[0], out[1:]
+        self.quantization = _onnx_precision(path, "none")
+        self.rows: list[Sequence_] = []  # row r holds rows[r]
+        self.lengths: list[int] = []  # tokens in each row's cache
+        self.slots = 0
+        self.cache: list[np.ndarray] = []  # per layer key, value: [slots, kv_heads, C, head]
 
     def fits(self, seq: Sequence_) -> bool:
-        """Whether the whole sequence stays inside the sliding window."""
-        return not self.window or len(seq.prompt) + seq.params.max_tokens <= self.window
+        """Whether the whole sequence fits in a slot."""
+        return len(seq.prompt) + seq.params.max_tokens <= self.capacity
 
-    def _empty(self, batch: int) -> list[np.ndarray]:
-        out = []
-        for i in range(self.layers):
-            width = self.window if i in self.sliding_layers else 0
-            shape = (batch, self.kv_heads, width, self.head)
-            out += [np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)]
-        return out
+    def _grow(self, slots: int) -> None:
+        shape = (slots, self.kv_heads, self.capacity, self.head)
+        grown = [np.zeros(shape, np.float32) for _ in range(2 * self.layers)]
+        for new, old in zip(grown, self.cache, strict=False):
+            new[: len(self.rows)] = old[: len(self.rows)]
+        self.cache, self.slots = grown, slots
 
-    def _grows(self, index: int) -> bool:
-        """Cache tensor `index` is a full-attention layer's (it grows by a token a step)."""
-        return index // 2 not in self.sliding_layers
+    def _run(self, ids: np.ndarray, mask: np.ndarray, first: int, count: int) -> np.ndarray:
+        """Run rows [first, first + count) in place; the last position's logits [count, vocab]."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        shape = [count, self.kv_heads, self.capacity, self.head]
+        for (past_k, past_v), (pres_k, pres_v), i in zip(
+            self.past, self.present, range(self.layers), strict=True
+        ):
+            for past, present, buf in (
+                (past_k, pres_k, self.cache[2 * i]),
+                (past_v, pres_v, self.cache[2 * i + 1]),
+            ):
+                pointer = buf[first].ctypes.data
+                binding.bind_input(past, "cpu", 0, np.float32, shape, pointer)
+                binding.bind_output(present, "cpu", 0, np.float32, shape, pointer)
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        return np.array(binding.get_outputs()[-1].numpy()[:, -1])  # a copy: ORT owns the buffer
 
     def logits(self, batch: list[Sequence_]) -> np.ndarray:
+        self._evict()
         rows: dict[int, np.ndarray] = {}
-        # Sequences that left since the last step drop out of the batch.
-        keep = [i for i, seq in enumerate(self.rows) if seq.state is self]
-        if len(keep) != len(self.rows):
-            self.rows = [self.rows[i] for i in keep]
-            self.lengths = [self.lengths[i] for i in keep]
-            width = max(self.lengths, default=0)
-            self.cache = [
-                c[keep, :, :width] if self._grows(i) else c[keep] for i, c in enumerate(self.cache)
-            ]
-        # One decode step for every sequence already in the batch.
+        # One decode step for every sequence already in a slot.
         if self.rows:
-            width = max(self.lengths)
+            n = len(self.rows)
             ids = np.asarray([[seq.generated[-1]] for seq in self.rows], dtype=np.int64)
-            mask = np.zeros((len(self.rows), width + 1), dtype=np.int64)
-            for r, n in enumerate(self.lengths):
-                mask[r, : n + 1] = 1
-            logits, self.cache = self._run(ids, mask, self.cache)
-            self.lengths = [n + 1 for n in self.lengths]
-            for r, seq in enumerate(self.rows):
-                rows[id(seq)] = logits[r, -1]
-        # Prefill each new sequence alone, then let its cache join the batch.
+            mask = np.zeros((n, max(self.lengths) + 1), dtype=np.int64)
+            for r, length in enumerate(self.lengths):
+                mask[r, : length + 1] = 1
+            for seq, row in zip(self.rows, self._run(ids, mask, 0, n), strict=True):
+                rows[id(seq)] = row
+            self.lengths = [length + 1 for length in self.lengths]
+        # Prefill each new sequence alone, straight into the next free slot.
         for seq in batch:
             if seq.state is not None:
                 continue
+            if len(self.rows) == self.slots:
+                self._grow(max(4, 2 * self.slots))
             n = len(seq.prompt)
             ids = np.asarray([seq.prompt], dtype=np.int64)
-            logits, cache = self._run(ids, np.ones((1, n), np.int64), self._empty(1))
-            rows[id(seq)] = logits[0, -1]
-            self._join(seq, n, cache)
+            rows[id(seq)] = self._run(ids, np.ones((1, n), np.int64), len(self.rows), 1)[0]
+            seq.state = self
+            self.rows.append(seq)
+            self.lengths.append(n)
         return np.stack([rows[id(seq)] for seq in batch])
 
-    def _join(self, seq: Sequence_, length: int, cache: list[np.ndarray]) -> None:
-        seq.state = self
-        if not self.rows:
-            self.rows, self.lengths, self.cache = [seq], [length], cache
-            return
-        merged = []
-        for old, new in zip(self.cache, cache, strict=True):
-            width = max(old.shape[2], new.shape[2])
-            pad_old = width - old.shape[2]
-            pad_new = width - new.shape[2]
-            if pad_old:
-                old = np.pad(old, ((0, 0), (0, 0), (0, pad_old), (0, 0)))
-            if pad_new:
-                new = np.pad(new, ((0, 0), (0, 0), (0, pad_new), (0, 0)))
-            merged.append(np.concatenate([old, new], axis=0))
-        self.rows.append(seq)
-        self.lengths.append(length)
-        self.cache = merged
+    def _evict(self) -> None:
+        """Free the slots of sequences that left: the last row moves into each."""
+        r = 0
+        while r < len(self.rows):
+            if self.rows[r].state is self:
+                r += 1
+                continue
+            last = len(self.rows) - 1
+            if r != last:
+                for buf in self.cache:
+                    buf[r] = buf[last]
+                self.rows[r], self.lengths[r] = self.rows[last], self.lengths[last]
+            self.rows.pop()
+            self.lengths.pop()
 
     def release(self, seq: Sequence_) -> None:
-        seq.state = None  # the next step drops its row
+        seq.state = None  # the next step frees its slot
 
     def close(self) -> None:
         self.rows, self.cache = [], []

@@ -2,13 +2,13 @@
 
 The same flow as `make demo` (hack/demo.py), with assertions. The cluster is
 real (apiserver, controllers, kwok, Prometheus); the operator, agent (fake
-GPUs), runtimes and router run as local processes for the pods kwok fakes.
+GPUs), runtimes, llama-server and router run as local processes for the pods
+kwok fakes. The tiers serve a real model, Gemma 3 270M (hack/real_models.py).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,13 +23,9 @@ from demo import EASY, HARD, NS, Demo  # noqa: E402
 @pytest.fixture(scope="module")
 def demo(cluster, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
-    subprocess.run(
-        ["terrace-runtime", "build-demo-models", "--out", str(models), "--preset", "tiny"],
-        check=True,
-        capture_output=True,
-    )
     d = Demo(cluster, models_dir=models, tick_seconds=2, release="terrace-e2e", system_ns="terrace-e2e")
     try:
+        d.build_models()
         d.install()
         d.apply_samples()
         d.run_pods()
@@ -40,13 +36,39 @@ def demo(cluster, tmp_path_factory):
         cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
 
 
-def test_easy_goes_to_cpu_and_hard_to_gpu(demo) -> None:
+def test_easy_goes_to_cpu_and_hard_to_larger_tiers_with_real_answers(demo) -> None:
     easy = demo.ask(EASY[:2])
     hard = demo.ask(HARD[:2])
-    assert [r["tier"] for r in easy] == ["small-cpu", "small-cpu"], easy
-    assert all(r["tier"] == "large-gpu" for r in hard), hard
+    # An easy question starts on the CPU tier; only an unsure answer moves it up.
+    assert all(r["tier"] == "small-cpu" or r["escalated"] == "low_confidence" for r in easy), easy
+    assert all(r["tier"] in ("llama-cpu", "large-gpu") for r in hard), hard
+    assert "large-gpu" in [r["tier"] for r in hard], hard  # the code question, scored highest
     assert max(r["complexity"] for r in easy) < min(r["complexity"] for r in hard)
-    assert all(r["answer"] for r in easy + hard)
+    # The real model answers in words: the capital of France is Paris.
+    assert "Paris" in easy[0]["answer"], easy[0]
+    assert all(r["answer"] and r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in easy + hard)
+
+
+def test_the_external_llama_tier_answers_through_the_router(demo) -> None:
+    with demo.client() as c:
+        raw = c.completions.with_raw_response.create(
+            model="llama-cpu",
+            prompt="Q: What is the capital of France?\nA:",
+            max_tokens=12,
+            temperature=0,
+            stop=["\n"],
+        )
+        assert raw.headers["x-terrace-tier"] == "llama-cpu"
+        assert "Paris" in raw.parse().choices[0].text
+        stream = c.chat.completions.create(
+            model="llama-cpu",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0,
+            stop=["\n"],
+            stream=True,
+        )
+        assert "Paris" in "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
 
 
 def test_load_scales_up_then_down_and_moves_the_power_limit(demo) -> None:
@@ -93,18 +115,23 @@ def test_load_scales_up_then_down_and_moves_the_power_limit(demo) -> None:
     assert last and {"time", "from", "to", "reason"} <= set(last[-1])
 
 
-def test_energy_per_request_is_reported(demo) -> None:
-    demo.ask(EASY[:2] + HARD[:1])
+def test_energy_per_request_and_per_token_is_reported(demo) -> None:
+    """For Terrace's runtimes, from their own token counts. The external
+    llama.cpp tier exports no energy or Terrace token counts: not reported."""
+    demo.ask(EASY[:2] + HARD[:2])
+    runtimes = ("small-cpu", "large-gpu")
+    keys = ("energyPerRequestJoules", "energyPerTokenJoules")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         energy = {
-            n: (t.get("status") or {}).get("energyPerRequestJoules")
-            for n, t in demo.tiers().items()
+            (n, k): (demo.tiers()[n].get("status") or {}).get(k) for n in runtimes for k in keys
         }
         if all(energy.values()):
             break
         time.sleep(1)
     assert all(float(v) > 0 for v in energy.values()), energy
+    for n in runtimes:  # a token costs less than a request of several tokens
+        assert float(energy[(n, keys[1])]) < float(energy[(n, keys[0])]), energy
 
 
 def test_uninstall_cleans_up(demo) -> None:

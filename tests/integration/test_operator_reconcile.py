@@ -116,9 +116,10 @@ def test_samples_become_ready_workloads(cluster, op: OperatorProcess) -> None:
 
     small = wait_ready(cluster, "mtier", "small-cpu")
     large = wait_ready(cluster, "mtier", "large-gpu")
+    llama = wait_ready(cluster, "mtier", "llama-cpu")
     router = wait_ready(cluster, "trouter", "router")
 
-    for name in ("small-cpu", "large-gpu"):
+    for name in ("small-cpu", "llama-cpu", "large-gpu"):
         for kind in ("deployment", "service", "pdb"):
             child = get(cluster, kind, name)
             assert child is not None, f"{kind} {name} missing"
@@ -144,18 +145,28 @@ def test_samples_become_ready_workloads(cluster, op: OperatorProcess) -> None:
     )["items"]
     assert [p["spec"]["nodeName"] for p in small_pods] == ["cpu-node"]
     assert large["status"]["readyReplicas"] == 1
+    # The external tier runs its own image with its args, probed on its health path.
+    (llama_pod,) = kubectl_json(
+        cluster, "get", "pods", "-n", NS, "-l", "terrace.dev/modeltier=llama-cpu"
+    )["items"]
+    server = llama_pod["spec"]["containers"][0]
+    assert server["image"] == "ghcr.io/ggml-org/llama.cpp:server" and "command" not in server
+    assert server["args"][:2] == ["-m", "/models/gemma3-270m/gemma3-270m-q4_k_m.gguf"]
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert llama["status"]["readyReplicas"] == 1
 
-    # The router's table is what terrace-router reads, with both tiers in order.
+    # The router's table is what terrace-router reads, with the tiers in order.
     cm = get(cluster, "configmap", "router-routing")
     config = RouterConfig.model_validate(yaml.safe_load(cm["data"]["router.yaml"]))
     assert [(t.name, t.endpoints) for t in config.tiers] == [
         ("small-cpu", [f"http://small-cpu.{NS}.svc:8080"]),
+        ("llama-cpu", [f"http://llama-cpu.{NS}.svc:8080"]),
         ("large-gpu", [f"http://large-gpu.{NS}.svc:8080"]),
     ]
     assert config.calibration.target_large_share == 0.3
     assert config.auth.api_keys_file == "/etc/terrace-auth/api-keys"
     assert router["status"]["endpoint"] == f"http://router.{NS}.svc:8080"
-    assert [t["ready"] for t in router["status"]["tiers"]] == [True, True]
+    assert [t["ready"] for t in router["status"]["tiers"]] == [True, True, True]
 
     # What a user sees.
     table = cluster.kubectl("get", "mtier", "-n", NS).stdout

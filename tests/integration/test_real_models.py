@@ -3,7 +3,7 @@ Terrace's onnxruntime-genai runtime (int4), Terrace's transformers runtime
 (fp32) and llama.cpp's own `llama-server` (Q4_K_M GGUF), each as a real
 process on 127.0.0.1, and Terrace's router in front of them.
 
-The model and llama-server come from `make deps` (hack/real-models.py,
+The model and llama-server come from `make deps` (hack/real_models.py,
 hack/build-llama-server.sh); the fixtures call the same scripts, which are
 no-ops when warm.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,8 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
+from localproc import ServerProcess as Proc
+from localproc import free_port
 from terrace_router.app import create_app
 from terrace_router.config import RouterConfig
 
@@ -33,59 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 QA_TEMPLATE = ROOT / "runtime" / "terrace_runtime" / "chat_templates" / "qa.jinja"
 # The base model answers completion-style questions ("... is Paris."), not chat.
 FEW_SHOT = "Q: What is the capital of France?\nA:"
-STARTUP_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Proc:
-    """One server process on 127.0.0.1, stopped by PID."""
-
-    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, logs: Path) -> None:
-        self.name, self.port, self.ready_path = name, port, ready_path
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = logs / f"{name}.log"
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-    def wait(self) -> Proc:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{self.log()}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"{self.name} not ready:\n{self.log()}")
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
-        return sum(
-            s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == name
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
 
 
 def runtime(name: str, folder: Path, fmt: str, logs: Path, *extra: str) -> Proc:
@@ -95,13 +42,13 @@ def runtime(name: str, folder: Path, fmt: str, logs: Path, *extra: str) -> Proc:
         "--port", str(port), "--model", str(folder), "--format", fmt, "--name", name,
         "--threads", "1", "--chat-template", "qa", *extra,
     ]  # fmt: skip
-    return Proc(name, argv, port, "/v2/health/ready", logs)
+    return Proc(name, argv, port, "/v2/health/ready", logs / f"{name}.log")
 
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, Path]:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "real-models.py")],
+        [sys.executable, str(ROOT / "hack" / "real_models.py")],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return {k: Path(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
@@ -129,7 +76,7 @@ def servers(
             "--port", str(port), "-t", "1", "-c", "4096", "-np", "4", "-a", "gemma-llama",
             "--chat-template-file", str(QA_TEMPLATE), "--metrics",
         ],
-        port, "/health", logs,
+        port, "/health", logs / "llama.log",
     )  # fmt: skip
     procs = {
         "onnx": runtime("gemma-onnx", models["onnx"], "onnx", logs, "--max-batch-size", "8"),
@@ -202,7 +149,7 @@ def test_runtime_no_chat_template_is_a_clear_400(models, tmp_path):
         "--port", str(port), "--model", str(models["onnx"]), "--format", "onnx",
         "--name", "plain", "--threads", "1",
     ]  # fmt: skip
-    plain = Proc("plain", argv, port, "/v2/health/ready", tmp_path).wait()
+    plain = Proc("plain", argv, port, "/v2/health/ready", tmp_path / "plain.log").wait()
     try:
         r = httpx.post(
             plain.url + "/v1/chat/completions",
@@ -344,7 +291,7 @@ def test_a_folder_of_the_wrong_form_is_not_ready_with_the_reason(models, tmp_pat
         sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1",
         "--port", str(port), "--model", str(models["torch"]), "--format", "onnx",
     ]  # fmt: skip
-    p = Proc("wrong", argv, port, "/v2/health/live", tmp_path).wait()
+    p = Proc("wrong", argv, port, "/v2/health/live", tmp_path / "wrong.log").wait()
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -486,25 +433,28 @@ def test_batched_onnx_decoding_matches_onnxruntime_genai(models):
         return Sequence_(ids, len(ids), SamplingParams(max_tokens=40), None, None)  # type: ignore[arg-type]
 
     def greedy(decoder: Any, seqs: list[Sequence_], steps: int, stagger: int = 0) -> None:
-        for step in range(steps + stagger * (len(seqs) - 1)):
-            active = [
-                s for i, s in enumerate(seqs) if step >= i * stagger and len(s.generated) < steps
-            ]
+        """Sequence i joins at step i * stagger; every joined sequence steps each time."""
+        for step in range(steps):
+            active = [s for i, s in enumerate(seqs) if step >= i * stagger]
             for s, row in zip(active, decoder.logits(active), strict=True):
                 s.generated.append(int(np.argmax(row)))
 
     alone = [seq(p) for p in prompts]
     oga = OgaDecoder(models["onnx"], device="cpu", threads=1)
     for s in alone:
-        greedy(oga, [s], 12)
+        greedy(oga, [s], 14)
     batched = BatchedOnnxDecoder(models["onnx"], threads=1)
     together = [seq(p) for p in prompts]
-    greedy(batched, together, 12, stagger=3)
-    assert [s.generated for s in together] == [s.generated for s in alone]
-    # Rows that finished leave the batch; the others go on unharmed.
+    greedy(batched, together, 13, stagger=3)
+    assert [len(s.generated) for s in together] == [13, 10, 7, 4]
+    assert [s.generated for s in together] == [
+        a.generated[: len(s.generated)] for s, a in zip(together, alone, strict=True)
+    ]
+    # Rows that finished leave (the last row moves into a freed slot); the
+    # others go on exactly as they would alone.
     together[1].state = together[3].state = None
     rest = [together[0], together[2]]
-    before = [list(s.generated) for s in rest]
     for s, row in zip(rest, batched.logits(rest), strict=True):
         s.generated.append(int(np.argmax(row)))
-    assert [s.generated[:-1] for s in rest] == before and len(batched.rows) == 2
+    assert [s.generated for s in rest] == [alone[0].generated, alone[2].generated[:8]]
+    assert len(batched.rows) == 2

