@@ -13,7 +13,7 @@ default lets them sleep, which costs about 15% inter-token latency on this
 model (measured on 2 cores) and saves the CPU time of idle spinning.
 
 Each serves streamed `/v1/completions` of `max_tokens` tokens (ignore_eos) at
-concurrency 1 and 8. Reported: generated tokens/s, time to first token
+concurrency 1 (8 requests) and 8 (16 requests). Reported: generated tokens/s, time to first token
 p50/p99, inter-token latency p50, peak RSS. Also a bare onnxruntime-genai
 generate loop (greedy, batch 1, same threads) for the runtime's added
 inter-token latency at concurrency 1.
@@ -70,6 +70,7 @@ class Run:
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
     errors: int = 0
+    reasons: list[str] = field(default_factory=list)  # what the first errors were
 
     @property
     def tps(self) -> float:
@@ -97,6 +98,7 @@ async def _one(
         async with client.stream("POST", proc.url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 run.errors += 1
+                run.reasons.append(f"HTTP {r.status_code}: {(await r.aread())[:120]!r}")
                 return
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -111,8 +113,9 @@ async def _one(
                     run.itl_s.append(now - last)
                 last = now
                 count += 1
-    except httpx.HTTPError:
+    except httpx.HTTPError as exc:
         run.errors += 1
+        run.reasons.append(f"{type(exc).__name__}: {exc}"[:160])
         return
     run.tokens += count
 
@@ -150,7 +153,7 @@ def bare_genai_itl(folder: Path, threads: int, max_tokens: int) -> float:
 
     tok = HFTokenizer(folder)
     gaps: list[float] = []
-    for prompt in PROMPTS[:4]:
+    for prompt in PROMPTS:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=4096, do_sample=False)
         gen = og.Generator(model, params)
@@ -195,7 +198,7 @@ def run_llm_bench(max_tokens: int = 48, requests_c8: int = 16) -> tuple[list, di
         proc = ServerProcess(name, [*argv, "--port", str(port)], port, ready).wait(300)
         try:
             load(proc, 2, 2, 8)  # warm-up
-            c1 = load(proc, 1, 4, max_tokens)
+            c1 = load(proc, 1, 8, max_tokens)
             c8 = load(proc, 8, requests_c8, max_tokens)
             results[name] = {"c1": c1, "c8": c8, "rss": proc.peak_rss_mb()}
         finally:
@@ -212,7 +215,8 @@ def run_llm_bench(max_tokens: int = 48, requests_c8: int = 16) -> tuple[list, di
                 f"TTFT c8 p50 {statistics.median(ttft) * 1e3:.0f} ms p99 "
                 f"{ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] * 1e3:.0f} ms, ITL c1 p50 "
                 f"{statistics.median(c1.itl_s) * 1e3:.1f} ms, peak RSS {r['rss']:.0f} MB, "
-                f"{c1.errors + c8.errors} errors",
+                f"{c1.errors + c8.errors} errors"
+                + (f" (first: {(c1.reasons + c8.reasons)[0]})" if c1.errors + c8.errors else ""),
             )
         )
     ort = results["terrace onnx (ort-genai int4)"]

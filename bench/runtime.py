@@ -5,7 +5,9 @@
 Prints a table:
   1. server overhead at batch 1: p50 latency of POST /v2/models/mlp/infer vs
      onnxruntime.InferenceSession.run called directly with the same session
-     options (target: server p50 <= direct p50 x 1.10 + 0.5 ms);
+     options (target: server p50 <= direct p50 x 1.10 + 0.5 ms), and vs a bare
+     asyncio server that hands the same run to a thread (bench/bare_server.py;
+     target: at most 0.3 ms more);
   2. dynamic batching: throughput at concurrency 32 with --max-batch-size 32
      vs --max-batch-size 1 (target: >= 3x);
   3. int8 dynamic quantization vs fp32: file size and direct latency.
@@ -15,7 +17,7 @@ Prints a table:
      latency, peak RSS (targets: onnx >= 1.5x llama-server's tokens/s at
      concurrency 8; inter-token latency at concurrency 1 within 10% of a bare
      onnxruntime-genai generate loop).
-The last line is JSON: overhead_p50_ms, overhead_ratio, batching_gain,
+The last line is JSON: overhead_p50_ms, overhead_vs_bare_ms, overhead_ratio, batching_gain,
 int8_speedup, ort_tps_c8, llamacpp_tps_c8, ratio_c8, itl_overhead_c1, torch_tps_c8.
 
 The client speaks raw HTTP/1.1 over keep-alive sockets with a pre-encoded
@@ -172,6 +174,52 @@ def interleaved_overhead(
     return float(np.median(direct)), float(np.median(served))
 
 
+def interleaved_servers(
+    port_a: int, port_b: int, payload_a: bytes, payload_b: bytes, iterations: int
+) -> tuple[float, float]:
+    """p50 of two servers at batch 1, in alternating rounds of 20 requests."""
+    a, b = Sequential(port_a, payload_a), Sequential(port_b, payload_b)
+    first: list[float] = []
+    second: list[float] = []
+    try:
+        for _ in range(50):
+            a.once()
+            b.once()
+        for _ in range(max(1, iterations // 20)):
+            first += [a.once() for _ in range(20)]
+            second += [b.once() for _ in range(20)]
+    finally:
+        a.close()
+        b.close()
+    return float(np.median(first)), float(np.median(second))
+
+
+class BareServer:
+    """bench/bare_server.py: asyncio, the same session.run in a thread, nothing else."""
+
+    def __init__(self, model: Path, threads: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        argv = [sys.executable, str(Path(__file__).parent / "bare_server.py"), str(model),
+                str(self.port), str(threads), *(["--spinning"] if SPINNING else [])]  # fmt: skip
+        self.proc = subprocess.Popen(argv)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the bare server exited")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("the bare server did not listen")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 async def _worker(port: int, payload: bytes, count: int, statuses: list[int]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -307,9 +355,17 @@ def main() -> None:
 
         server = Server(fp32)
         single = Server(fp32, "--max-batch-size", "1")
+        bare = BareServer(fp32, threads)
         try:
             direct_p50, server_p50 = interleaved_overhead(
                 fp32, server.port, request_bytes(server.port, features), n, threads
+            )
+            bare_p50, served_p50 = interleaved_servers(
+                bare.port,
+                server.port,
+                request_bytes(bare.port, features),
+                request_bytes(server.port, features),
+                n,
             )
             # Alternate the two servers over a few rounds and take medians: the
             # background load of a shared machine drifts over a minute.
@@ -339,10 +395,12 @@ def main() -> None:
         finally:
             server.stop()
             single.stop()
+            bare.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     overhead = server_p50 - direct_p50
+    over_bare = served_p50 - bare_p50
     ratio = overhead / direct_p50
     budget = direct_p50 * 0.10 + 0.0005
     gain = batched_rps / single_rps
@@ -360,6 +418,17 @@ def main() -> None:
             "server overhead p50",
             f"{overhead * 1e3:.3f} ms ({ratio:.0%})",
             f"target <= {budget * 1e3:.3f} ms: {'met' if overhead <= budget else 'MISSED'}",
+        ),
+        (
+            "bare asyncio server p50, batch 1",
+            f"{bare_p50 * 1e3:.3f} ms",
+            "bench/bare_server.py: the same session.run in a thread, nothing else",
+        ),
+        (
+            "server over the bare server p50",
+            f"{over_bare * 1e3:.3f} ms",
+            f"target <= 0.300 ms: {'met' if over_bare <= 0.0003 else 'MISSED'} "
+            f"(server p50 {served_p50 * 1e3:.3f} ms in these rounds)",
         ),
         (
             f"throughput c={args.concurrency}, max batch 1",
@@ -394,6 +463,7 @@ def main() -> None:
     ]
     figures = {
         "overhead_p50_ms": round(overhead * 1e3, 4),
+        "overhead_vs_bare_ms": round(over_bare * 1e3, 4),
         "overhead_ratio": round(ratio, 4),
         "batching_gain": round(gain, 3),
         "int8_speedup": round(speedup, 3),

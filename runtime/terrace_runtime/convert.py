@@ -75,8 +75,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# onnxruntime-genai model builder options for every ONNX form: prune_lm_head
+# computes the vocabulary projection for the last prompt position only (the
+# only one sampled), which halves prefill time for Gemma 3's 262k vocabulary.
+BUILDER_OPTIONS = {"prune_lm_head": "true"}
+
+
 def _manifest(source_sha: str, form: Form) -> dict[str, Any]:
-    return {"source_sha256": source_sha, "form": form, "versions": _versions()}
+    out: dict[str, Any] = {"source_sha256": source_sha, "form": form, "versions": _versions()}
+    if form != "torch":
+        out["builder_options"] = BUILDER_OPTIONS
+    return out
 
 
 def read_manifest(folder: Path) -> Mapping[str, Any] | None:
@@ -172,6 +181,8 @@ def _to_onnx(hf: Path, out: Path, *, precision: str, scratch: Path) -> None:
         "cpu",
         "--cache_dir",
         str(scratch / "builder-cache"),
+        "--extra_options",
+        *(f"{k}={v}" for k, v in BUILDER_OPTIONS.items()),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)

@@ -16,6 +16,7 @@ KV cache per sequence).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -121,7 +122,7 @@ class SamplingParams:
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
-    logprob: float
+    logprob: float  # NaN when the request asked for no logprobs and decodes greedily
     top: tuple[tuple[int, float], ...] = ()
     piece: bytes | None = None  # what to show when a stop string cut the token short
 
@@ -206,6 +207,11 @@ def safe_release(pieces: Sequence[bytes], stops: Sequence[bytes]) -> int:
         n -= 1
         held += len(pieces[n])
     return n
+
+
+# Decode steps one hand-off to the worker may run before the event loop looks
+# at the batch again (it also looks whenever a sequence ends or one arrives).
+MAX_STEPS_PER_HOP = 64
 
 
 class ContextTooLong(ValueError):
@@ -375,18 +381,13 @@ class GenerationEngine:
                 continue
             batch = list(self._active)
             try:
-                steps, joules = await loop.run_in_executor(self._executor, self._step, batch)
+                await loop.run_in_executor(self._executor, self._steps, batch, loop)
             except Exception as exc:  # the model failed: fail this batch, keep serving
                 self._metrics.error("inference")
                 for seq in batch:
-                    seq.events.put_nowait(exc)
+                    if not seq.cancelled:
+                        seq.events.put_nowait(exc)
                     seq.cancelled = True
-                self._retire()
-                continue
-            share = joules / len(batch)
-            for seq, event in zip(batch, steps, strict=True):
-                seq.joules += share
-                self._advance(seq, event)
             self._retire()
 
     def _retire(self) -> None:
@@ -413,10 +414,19 @@ class GenerationEngine:
             self._metrics.child(self._metrics.prompt_tokens).inc(seq.prompt_tokens)
             self._active.append(seq)
 
-    def _advance(self, seq: Sequence_, event: TokenEvent) -> None:
-        """Apply one sampled token; release what is final; finish when done."""
+    @staticmethod
+    def _deliver(out: list[tuple[Sequence_, TokenEvent | FinishEvent]]) -> None:
+        """On the event loop: hand what the worker produced to the sequences' queues."""
+        for seq, event in out:
+            seq.events.put_nowait(event)
+
+    def _advance(
+        self, seq: Sequence_, event: TokenEvent
+    ) -> list[tuple[Sequence_, TokenEvent | FinishEvent]]:
+        """Apply one sampled token; return what is final (to deliver); finish when done."""
         if seq.cancelled:
-            return
+            return []
+        out: list[tuple[Sequence_, TokenEvent | FinishEvent]] = []
         self._metrics.child(self._metrics.tokens_generated).inc()
         params = seq.params
         finish: str | None = None
@@ -437,17 +447,35 @@ class GenerationEngine:
             elif len(seq.generated) >= params.max_tokens:
                 finish = "length"
         release_to = len(seq.generated) if finish else safe_release(seq.pieces, params.stop)
-        for tok in seq.logprobs[seq.released : release_to]:
-            seq.events.put_nowait(tok)
+        out += [(seq, tok) for tok in seq.logprobs[seq.released : release_to]]
         seq.released = max(seq.released, release_to)
         if finish:
-            seq.events.put_nowait(
-                FinishEvent(finish, seq.prompt_tokens, len(seq.generated), seq.joules)
+            out.append(
+                (seq, FinishEvent(finish, seq.prompt_tokens, len(seq.generated), seq.joules))
             )
             self._metrics.observe_request_energy(seq.joules)
             seq.cancelled = True  # leaves the active set
+        return out
 
     # --- worker thread -------------------------------------------------
+
+    def _steps(self, batch: list[Sequence_], loop: asyncio.AbstractEventLoop) -> None:
+        """Decode steps back to back while the batch stays the same: no sequence
+        finished or was cancelled and nobody waits to join (the event loop
+        admits them between hops). Each step's tokens go to the event loop
+        at once, so streaming is not held back; skipping the hop back to the
+        loop between steps saves its wake-ups on every token."""
+        for _ in range(MAX_STEPS_PER_HOP):
+            events, joules = self._step(batch)
+            share = joules / len(batch)
+            out: list[tuple[Sequence_, TokenEvent | FinishEvent]] = []
+            for seq, event in zip(batch, events, strict=True):
+                seq.joules += share
+                out += self._advance(seq, event)
+            if out:
+                loop.call_soon_threadsafe(self._deliver, out)
+            if self._waiting or self._closed or any(s.cancelled for s in batch):
+                return
 
     def _step(self, batch: list[Sequence_]) -> tuple[list[TokenEvent], float]:
         self._release()
@@ -460,13 +488,18 @@ class GenerationEngine:
         events = []
         for row, seq in enumerate(batch):
             scores = logits[row]
-            if seq.params.ignore_eos:
+            params = seq.params
+            if params.ignore_eos:
                 scores[list(self.tokenizer.eos_ids)] = -np.inf
+            if params.temperature <= 0 and params.logprobs is None:
+                # Greedy, and nobody asked for logprobs: the argmax is all it takes.
+                events.append(TokenEvent(int(scores.argmax()), math.nan))
+                continue
             peak = scores.max()
             row_logprobs = scores - (peak + np.log(np.exp(scores - peak).sum()))
-            token = choose_token(row_logprobs, seq.params, seq.rng)
+            token = choose_token(row_logprobs, params, seq.rng)
             top: tuple[tuple[int, float], ...] = ()
-            k = seq.params.logprobs
+            k = params.logprobs
             if k:
                 best = np.argpartition(-row_logprobs, k)[:k]
                 best = best[np.argsort(-row_logprobs[best])]

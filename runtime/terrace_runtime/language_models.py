@@ -9,8 +9,7 @@
 - ``format: torch``: a Hugging Face folder (``config.json`` and weights;
   ``terrace-runtime convert --to torch``) loaded with transformers'
   ``AutoModelForCausalLM`` on CUDA when present, else CPU. Each sequence owns
-  a KV cache; a step runs the sequences whose caches have the same length as
-  one batch.
+  a KV cache; a step left-pads the running sequences' caches into one batch.
 
 Both read the folder's own tokenizer (`hf_tokenizer.HFTokenizer`). Load
 errors raise `models.ModelLoadError` with the reason shown in
@@ -19,6 +18,7 @@ errors raise `models.ModelLoadError` with the reason shown in
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -162,6 +162,7 @@ class BatchedOnnxDecoder:
         self.lengths: list[int] = []  # tokens in each row's cache
         self.slots = 0
         self.cache: list[np.ndarray] = []  # per layer key, value: [slots, kv_heads, C, head]
+        self._bound: tuple[tuple[int, int, int], Any] | None = None
 
     def fits(self, seq: Sequence_) -> bool:
         """Whether the whole sequence fits in a slot."""
@@ -174,11 +175,13 @@ class BatchedOnnxDecoder:
             new[: len(self.rows)] = old[: len(self.rows)]
         self.cache, self.slots = grown, slots
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, first: int, count: int) -> np.ndarray:
-        """Run rows [first, first + count) in place; the last position's logits [count, vocab]."""
+    def _binding(self, first: int, count: int) -> Any:
+        """An IO binding of rows [first, first + count) of every layer's cache
+        as both past and present; kept while the rows stay the same."""
+        key = (first, count, self.slots)
+        if self._bound is not None and self._bound[0] == key:
+            return self._bound[1]
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
         shape = [count, self.kv_heads, self.capacity, self.head]
         for (past_k, past_v), (pres_k, pres_v), i in zip(
             self.past, self.present, range(self.layers), strict=True
@@ -190,6 +193,14 @@ class BatchedOnnxDecoder:
                 pointer = buf[first].ctypes.data
                 binding.bind_input(past, "cpu", 0, np.float32, shape, pointer)
                 binding.bind_output(present, "cpu", 0, np.float32, shape, pointer)
+        self._bound = (key, binding)
+        return binding
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, first: int, count: int) -> np.ndarray:
+        """Run rows [first, first + count) in place; the last position's logits [count, vocab]."""
+        binding = self._binding(first, count)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits")
         self.session.run_with_iobinding(binding)
         return np.array(binding.get_outputs()[-1].numpy()[:, -1])  # a copy: ORT owns the buffer
@@ -374,24 +385,36 @@ def _onnx_precision(path: Path, default: str) -> str:
     return "int4" if any(n.op_type == "MatMulNBits" for n in graph.node) else "none"
 
 
+@dataclass
+class _Rows:
+    """A sequence's KV cache as plain tensors: per layer [1, kv_heads, length, head]."""
+
+    keys: list[Any]
+    values: list[Any]
+    length: int
+
+
 class TransformersDecoder:
     """transformers ``AutoModelForCausalLM`` with a KV cache per sequence.
 
-    Sequences whose caches hold the same number of tokens step together as
-    one batch (their caches are stacked along the batch dimension for the
-    step and split after); the others step alone. Prompts are prefilled one
-    sequence at a time.
+    Every running sequence decodes in **one batch**: each step its cache is
+    left-padded to the longest, the batch runs with an attention mask that
+    hides the padding and each row's own position ids (as transformers'
+    batched generation does), and each row keeps the un-padded part of the
+    result. New sequences are prefilled alone. Sequences longer than a
+    sliding window (Gemma 3: 512), where transformers starts dropping old
+    tokens from those layers, decode one by one on transformers' own cache.
     """
 
     def __init__(self, folder: Path, *, device: str, threads: int) -> None:
         try:
             import torch
-            from transformers import AutoConfig, AutoModelForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
         except ImportError as exc:
             raise ModelLoadError(
                 "transformers and torch are needed for format torch (pip install 'terrace[llm]')"
             ) from exc
-        self.torch = torch
+        self.torch, self.DynamicCache = torch, DynamicCache
         if (device in ("auto", "cuda") or device.startswith("cuda")) and torch.cuda.is_available():
             self.device = "cuda:0" if device in ("auto", "cuda") else device
         else:
@@ -408,24 +431,97 @@ class TransformersDecoder:
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"transformers cannot load {folder}: {exc}") from exc
         self.model.eval()
+        # transformers 5 names the KV cache `cache` (`past_key_values` before),
+        # and `logits_to_keep=1` projects only the last position onto the vocabulary.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache = "cache" if "cache" in params else "past_key_values"
+        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.window = int(getattr(config, "sliding_window", 0) or 0)
         self.context_length = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self.architecture = str(getattr(config, "model_type", "unknown"))
         self.quantization = "none"
 
+    def fits(self, seq: Sequence_) -> bool:
+        """Batched while the whole sequence stays inside the sliding window."""
+        return not self.window or len(seq.prompt) + seq.params.max_tokens < self.window
+
+    def _forward(self, ids: Any, cache: Any, **extra: Any) -> Any:
+        return self.model(
+            input_ids=ids, use_cache=True, **{self._cache: cache}, **self._keep, **extra
+        )
+
+    def _to_cache(self, keys: list[Any], values: list[Any]) -> Any:
+        cache = self.DynamicCache(config=self.model.config)
+        for layer, k, v in zip(cache.layers, keys, values, strict=True):
+            layer.update(k, v)
+        return cache
+
     def logits(self, batch: list[Sequence_]) -> np.ndarray:
         torch = self.torch
-        out = np.empty((len(batch), 0), dtype=np.float32)
-        rows: list[np.ndarray | None] = [None] * len(batch)
+        rows: dict[int, Any] = {}
         with torch.inference_mode():
-            for i, seq in enumerate(batch):
-                if seq.state is None:
-                    ids = torch.tensor([seq.prompt], device=self.device)
-                else:
+            together = [s for s in batch if isinstance(s.state, _Rows)]
+            if together:
+                rows.update(self._batched_step(together))
+            for seq in batch:
+                if seq.state is None:  # prefill alone
+                    result = self._forward(torch.tensor([seq.prompt], device=self.device), None)
+                    cache = result[self._cache]
+                    if self.fits(seq):
+                        layers = cache.layers
+                        seq.state = _Rows(
+                            [layer.keys for layer in layers],
+                            [layer.values for layer in layers],
+                            len(seq.prompt),
+                        )
+                    else:
+                        seq.state = cache
+                    rows[id(seq)] = result.logits[0, -1]
+                elif not isinstance(seq.state, _Rows):  # too long to batch: alone
                     ids = torch.tensor([seq.generated[-1:]], device=self.device)
-                result = self.model(input_ids=ids, past_key_values=seq.state, use_cache=True)
-                seq.state = result.past_key_values
-                rows[i] = result.logits[0, -1].float().cpu().numpy()
-        out = np.stack(rows)  # type: ignore[arg-type]
+                    result = self._forward(ids, seq.state)
+                    seq.state = result[self._cache]
+                    rows[id(seq)] = result.logits[0, -1]
+        return np.stack([rows[id(s)].float().cpu().numpy() for s in batch])
+
+    def _batched_step(self, seqs: list[Sequence_]) -> dict[int, Any]:
+        torch = self.torch
+        states: list[_Rows] = [s.state for s in seqs]  # type: ignore[misc]
+        width = max(st.length for st in states)
+        pad = torch.nn.functional.pad
+
+        def stacked(per_row: list[Any]) -> Any:
+            return torch.cat(
+                [
+                    pad(t, (0, 0, width - st.length, 0))
+                    for t, st in zip(per_row, states, strict=True)
+                ]
+            )
+
+        layers = len(states[0].keys)
+        cache = self._to_cache(
+            [stacked([st.keys[i] for st in states]) for i in range(layers)],
+            [stacked([st.values[i] for st in states]) for i in range(layers)],
+        )
+        mask = torch.zeros((len(seqs), width + 1), dtype=torch.long, device=self.device)
+        for r, st in enumerate(states):
+            mask[r, width - st.length :] = 1
+        result = self._forward(
+            torch.tensor([[s.generated[-1]] for s in seqs], device=self.device),
+            cache,
+            attention_mask=mask,
+            position_ids=torch.tensor([[st.length] for st in states], device=self.device),
+            cache_position=torch.tensor([width], device=self.device),
+        )
+        out = {}
+        for r, (seq, st) in enumerate(zip(seqs, states, strict=True)):
+            start = width - st.length
+            seq.state = _Rows(
+                [layer.keys[r : r + 1, :, start:] for layer in cache.layers],
+                [layer.values[r : r + 1, :, start:] for layer in cache.layers],
+                st.length + 1,
+            )
+            out[id(seq)] = result.logits[r, -1]
         return out
 
     def release(self, seq: Sequence_) -> None:
