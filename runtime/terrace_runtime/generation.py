@@ -227,7 +227,7 @@ class Decoder(Protocol):
     set). Runs on the worker thread."""
 
     def logits(self, batch: list[Sequence_]) -> np.ndarray:
-        """Float logits, shape [len(batch), vocab]."""
+        """Float logits, shape [len(batch), vocab]: a new array (the engine masks it in place)."""
         ...
 
     def release(self, seq: Sequence_) -> None:
@@ -427,7 +427,6 @@ class GenerationEngine:
         if seq.cancelled:
             return []
         out: list[tuple[Sequence_, TokenEvent | FinishEvent]] = []
-        self._metrics.child(self._metrics.tokens_generated).inc()
         params = seq.params
         finish: str | None = None
         if event.token_id in self.tokenizer.eos_ids and not params.ignore_eos:
@@ -468,6 +467,9 @@ class GenerationEngine:
         for _ in range(MAX_STEPS_PER_HOP):
             events, joules = self._step(batch)
             share = joules / len(batch)
+            self._metrics.child(self._metrics.tokens_generated).inc(
+                sum(1 for seq in batch if not seq.cancelled)
+            )
             out: list[tuple[Sequence_, TokenEvent | FinishEvent]] = []
             for seq, event in zip(batch, events, strict=True):
                 seq.joules += share
@@ -482,7 +484,7 @@ class GenerationEngine:
         wall0, cpu0 = time.perf_counter(), time.process_time()
         # float32 and one row at a time: a real vocabulary is 10^5 wide, and
         # a greedy step needs only its argmax and one log-sum-exp.
-        logits = np.array(self._decoder.logits(batch), dtype=np.float32)
+        logits = np.asarray(self._decoder.logits(batch), dtype=np.float32)
         # Padding and BOS are never generated: renormalise over the rest.
         logits[:, list(self.tokenizer.never_sampled)] = -np.inf
         events = []

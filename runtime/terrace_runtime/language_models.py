@@ -203,7 +203,8 @@ class BatchedOnnxDecoder:
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits")
         self.session.run_with_iobinding(binding)
-        return np.array(binding.get_outputs()[-1].numpy()[:, -1])  # a copy: ORT owns the buffer
+        # A view of the output ORT owns: `logits` stacks (copies) it before the next run.
+        return binding.get_outputs()[-1].numpy()[:, -1]
 
     def logits(self, batch: list[Sequence_]) -> np.ndarray:
         self._evict()
