@@ -76,23 +76,8 @@ class RuntimeState:
             self.reason = "loading the model"
             if is_model_folder(path):
                 await self._load_language_model(path, threads)
-                return
-            backend = await loop.run_in_executor(
-                self.executor,
-                lambda: load_backend(
-                    path,
-                    fmt=s.format,
-                    device=s.resolved_device(),
-                    threads=threads,
-                    task=s.task,
-                    quantization=s.quantize,
-                    spinning=s.spinning,
-                ),
-            )
-            self.backend, self.info = backend, backend.info
-            self.reason = "warming up"
-            await loop.run_in_executor(self.executor, self._warmup)
-            self._start_serving()
+            else:
+                await self._load_model_file(path, threads)
         except (ModelURIError, ModelLoadError) as exc:
             self._fail(str(exc))
         except Exception as exc:  # anything else is still a load failure, not a crash
@@ -112,6 +97,26 @@ class RuntimeState:
                 info.quantization,
                 self.model_path,
             )
+
+    async def _load_model_file(self, path: Path, threads: int) -> None:
+        """An ONNX or torch model file: a tensor model or a byte-level text model."""
+        s = self.settings
+        backend = await asyncio.get_running_loop().run_in_executor(
+            self.executor,
+            lambda: load_backend(
+                path,
+                fmt=s.format,
+                device=s.resolved_device(),
+                threads=threads,
+                task=s.task,
+                quantization=s.quantize,
+                spinning=s.spinning,
+            ),
+        )
+        self.backend, self.info = backend, backend.info
+        self.reason = "warming up"
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._warmup)
+        self._start_serving()
 
     async def _load_language_model(self, path: Path, threads: int) -> None:
         """A model folder: onnxruntime-genai (onnx) or transformers (torch)."""
@@ -136,15 +141,6 @@ class RuntimeState:
         engine = self.engine
         self.metrics.queue_depth.labels(self.name).set_function(lambda: engine.depth)
         self._mark_ready()
-        log.info(
-            "language model %s ready: %s on %s, %d threads, %s, from %s",
-            self.name,
-            lm.info.format,
-            lm.info.device,
-            threads,
-            lm.info.quantization,
-            path,
-        )
 
     def _engine(
         self, decoder: Decoder, tokenizer: Tokenizer, context_length: int, *, sliding: bool
