@@ -14,9 +14,9 @@ model (measured on 2 cores) and saves the CPU time of idle spinning.
 
 Each serves streamed `/v1/completions` of `max_tokens` tokens (ignore_eos) at
 concurrency 1 (4 requests a round) and 8 (16 a round). Reported: generated
-tokens/s, time to first token p50/p99, inter-token latency p50, peak RSS. Also a bare onnxruntime-genai
-generate loop (greedy, batch 1, same threads) for the runtime's added
-inter-token latency at concurrency 1.
+tokens/s, time to first token p50/p99, inter-token latency p50, peak RSS.
+Also a bare onnxruntime-genai generate loop (greedy, batch 1, same threads)
+for the runtime's added inter-token latency at concurrency 1.
 """
 
 from __future__ import annotations
