@@ -302,7 +302,7 @@ class GenerationEngine:
         self._waiting.clear()
         self._active.clear()
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Sequence_:
+    def submit(self, prompt: list[int], params: SamplingParams, stream: int = 0) -> Sequence_:
         """Queue a sequence. Raises ContextTooLong, QueueFull or BatcherClosed."""
         if self._closed:
             raise BatcherClosed("the runtime is shutting down")
@@ -323,7 +323,11 @@ class GenerationEngine:
             prompt_tokens=len(prompt),
             params=params,
             events=asyncio.Queue(),
-            rng=np.random.default_rng(params.seed),
+            # A seed (any integer, as OpenAI takes) and the choice's `stream`
+            # index seed the sequence's generator together.
+            rng=np.random.default_rng(
+                None if params.seed is None else [params.seed % (1 << 64), stream]
+            ),
         )
         self._waiting.append(seq)
         self._arrived.set()

@@ -226,6 +226,24 @@ def _check_model(state: RuntimeState, model: str) -> GenerationEngine:
     return state.engine
 
 
+def _queue_all(
+    engine: GenerationEngine, prompts: list[list[int]], n: int, params: SamplingParams
+) -> list[_Choice]:
+    choices: list[_Choice] = []
+    try:
+        for prompt in prompts:
+            for _ in range(n):
+                # Each choice samples its own stream: n > 1 with a seed gives
+                # different choices, and the same set for the same seed.
+                seq = engine.submit(prompt, params, stream=len(choices))
+                choices.append(_Choice(len(choices), seq))
+    except BaseException:
+        for c in choices:  # all or nothing: what was queued leaves the queue
+            engine.cancel(c.seq)
+        raise
+    return choices
+
+
 def _submit(
     engine: GenerationEngine,
     prompts: list[list[int]],
@@ -233,15 +251,10 @@ def _submit(
     params: SamplingParams,
     prompt_param: str,
 ) -> list[_Choice]:
-    choices: list[_Choice] = []
+    """Queue every choice, or none; engine errors become the API's."""
     try:
-        for prompt in prompts:
-            for _ in range(n):
-                seq = engine.submit(prompt, params)
-                choices.append(_Choice(len(choices), seq))
+        return _queue_all(engine, prompts, n, params)
     except QueueFull as exc:
-        for c in choices:  # all or nothing
-            engine.cancel(c.seq)
         raise APIError(
             429,
             str(exc),
@@ -254,7 +267,6 @@ def _submit(
         raise APIError(503, str(exc), type_="server_error", kind="not_ready") from None
     except ContextTooLong as exc:
         raise APIError(400, str(exc), param=prompt_param, code="context_length_exceeded") from None
-    return choices
 
 
 async def _merged(
@@ -320,11 +332,18 @@ def _stream_error(err: Exception) -> str:
 # --- logprob formats ------------------------------------------------------
 
 
+def _shown(tok: Tokenizer, event: TokenEvent) -> str:
+    """The token's text as shown: a stop string may have cut the last one short."""
+    if event.piece is None:
+        return tok.token_text(event.token_id)
+    return event.piece.decode("utf-8", "replace")
+
+
 def completion_logprobs(
     tok: Tokenizer, events: list[TokenEvent], offsets: list[int]
 ) -> dict[str, Any]:
     return {
-        "tokens": [tok.token_text(e.token_id) for e in events],
+        "tokens": [_shown(tok, e) for e in events],
         "token_logprobs": [e.logprob for e in events],
         "top_logprobs": [{tok.token_text(t): lp for t, lp in e.top} for e in events],
         "text_offset": offsets,
@@ -339,13 +358,13 @@ def chat_logprobs(tok: Tokenizer, events: list[TokenEvent]) -> dict[str, Any]:
             "bytes": list(tok.token_bytes(token_id)) or None,
         }
 
-    return {
-        "content": [
-            {**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
-            for e in events
-        ],
-        "refusal": None,
-    }
+    def chosen(e: TokenEvent) -> dict[str, Any]:
+        out = entry(e.token_id, e.logprob)
+        if e.piece is not None:  # a stop string cut the token short: what was shown
+            out.update(token=_shown(tok, e), bytes=list(e.piece) or None)
+        return {**out, "top_logprobs": [entry(t, lp) for t, lp in e.top]}
+
+    return {"content": [chosen(e) for e in events], "refusal": None}
 
 
 # --- handlers -------------------------------------------------------------
@@ -385,9 +404,13 @@ def _ids(ids: list[int], tok: Tokenizer) -> list[int]:
     return ids if not bos or ids[:1] == bos[:1] else [*bos[:1], *ids]
 
 
-def _max_tokens(state: RuntimeState, value: int | None, param: str) -> int:
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _max_tokens(state: RuntimeState, value: int | None, param: str, default: int) -> int:
+    """`value`, or the endpoint's default when absent or null; at most the limit."""
     limit = state.settings.max_tokens_limit
-    value = value if value is not None else min(CHAT_DEFAULT_MAX_TOKENS, limit)
+    value = value if value is not None else min(default, limit)
     if value > limit:
         raise APIError(400, f"max_tokens must be at most {limit}", param=param)
     return value
@@ -403,7 +426,9 @@ async def completions(request: Request) -> Response:
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported", param="echo")
         params = SamplingParams(
-            max_tokens=_max_tokens(state, req.max_tokens, "max_tokens"),
+            max_tokens=_max_tokens(
+                state, req.max_tokens, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS
+            ),
             temperature=req.temperature,
             top_p=req.top_p,
             stop=req.stop_bytes(),
@@ -416,7 +441,13 @@ async def completions(request: Request) -> Response:
         return _error_response(state, err)
 
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    echo = [(texts[c.index // req.n] or "") if req.echo else "" for c in choices]
+    def prompt_text(i: int) -> str:
+        text = texts[i]
+        if text is None:  # a token-id prompt: echo what the ids spell
+            text = b"".join(tok.token_bytes(t) for t in prompts[i]).decode("utf-8", "replace")
+        return text
+
+    echo = [prompt_text(c.index // req.n) if req.echo else "" for c in choices]
 
     def chunk_choice(
         c: _Choice, text: str, events: list[TokenEvent], offsets: list[int], finish: str | None
@@ -498,8 +529,9 @@ async def chat_completions(request: Request) -> Response:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         params = SamplingParams(
-            max_tokens=_max_tokens(state, max_tokens, "max_tokens"),
+            max_tokens=_max_tokens(state, max_tokens, param, CHAT_DEFAULT_MAX_TOKENS),
             temperature=req.temperature,
             top_p=req.top_p,
             stop=req.stop_bytes(),

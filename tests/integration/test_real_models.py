@@ -493,3 +493,36 @@ def test_batched_torch_decoding_matches_one_sequence_at_a_time(models):
     assert [s.generated for s in together] == [s.generated for s in alone]
     for a, b in zip(alone_last, together_last, strict=True):
         assert np.allclose(a, b, atol=1e-3), np.abs(a - b).max()
+
+
+def test_request_edge_cases_from_a_new_user_trial(servers):
+    p = servers["onnx"]
+    url = p.url + "/v1/completions"
+
+    def post(**body: Any) -> httpx.Response:
+        return httpx.post(url, json={"model": "gemma-onnx", **body}, timeout=120)
+
+    # Any integer seed (OpenAI's range), not a 500 for a negative one.
+    r = post(prompt="Once", max_tokens=3, temperature=1.0, seed=-5)
+    assert r.status_code == 200, r.text
+    # n > 1 with a seed: different choices, the same set again for the same seed.
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 42}
+    first = [c["text"] for c in post(**body).json()["choices"]]
+    assert len(set(first)) > 1 and [c["text"] for c in post(**body).json()["choices"]] == first
+    # An explicit null max_tokens is the completions default (16), not chat's.
+    r = post(prompt="Once", max_tokens=None, ignore_eos=True).json()
+    assert r["usage"]["completion_tokens"] == 16
+    # echo spells a token-id prompt.
+    r = post(prompt=[2, 818, 5279], max_tokens=2, temperature=0, echo=True).json()
+    assert r["choices"][0]["text"].startswith("The capital")
+    # A stop string inside a token: the logprob tokens spell exactly the text.
+    r = post(prompt=FEW_SHOT, max_tokens=12, temperature=0, stop=["Par"], logprobs=1).json()
+    choice = r["choices"][0]
+    assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+    assert choice["text"].endswith("is ")
+    # A request refused on its second prompt leaves nothing generating.
+    before = p.metric("terrace_runtime_tokens_generated_total")
+    r = post(prompt=["hi", "hello " * 40000], max_tokens=2000, ignore_eos=True)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    time.sleep(1.5)
+    assert p.metric("terrace_runtime_tokens_generated_total") - before <= 2
