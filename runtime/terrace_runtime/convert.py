@@ -144,6 +144,7 @@ def _to_torch(source: Path, out: Path) -> None:
             raise ConversionError(f"{source}: expected a .gguf file or a Hugging Face folder")
         where, kwargs = source.parent, {"gguf_file": source.name}
     else:
+        _check_hf_folder(source)
         where, kwargs = source, {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
@@ -158,9 +159,21 @@ def _to_torch(source: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _check_hf_folder(folder: Path) -> None:
+    """A Hugging Face model folder has config.json and a tokenizer; say which is missing."""
+    if not (folder / "config.json").exists():
+        raise ConversionError(
+            f"{folder} is not a Hugging Face model folder (no config.json); "
+            "give a .gguf file or a folder written by save_pretrained"
+        )
+    if not (folder / "tokenizer.json").exists():
+        raise ConversionError(f"{folder} has no tokenizer.json (save the tokenizer with it)")
+
+
 def _to_onnx(hf: Path, out: Path, *, precision: str, scratch: Path) -> None:
     """Hugging Face folder -> onnxruntime-genai folder, by its model builder (a
     subprocess: the builder holds the whole fp32 model and more in memory)."""
+    _check_hf_folder(hf)
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError as exc:

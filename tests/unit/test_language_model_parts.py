@@ -165,3 +165,18 @@ def test_builder_sees_flat_rope_settings():
         rope_parameters = {"rope_type": "yarn", "factor": 4.0}
 
     assert flatten_rope(Flat()).rope_parameters == {"rope_type": "yarn", "factor": 4.0}
+
+
+def test_convert_names_what_a_folder_lacks(tmp_path):
+    from terrace_runtime.convert import ConversionError, convert
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConversionError, match="not a Hugging Face model folder"):
+        convert(empty, "onnx-int4", tmp_path / "out")
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(ConversionError, match="no tokenizer.json"):
+        convert(empty, "torch", tmp_path / "out")
+    with pytest.raises(ConversionError, match="no such file or folder"):
+        convert(tmp_path / "missing", "torch", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
