@@ -53,10 +53,6 @@ class ByteTokenizer:
         return max(self.pad_id, self.bos_id, self.eos_id) + 1
 
     @property
-    def special_ids(self) -> tuple[int, ...]:
-        return (self.pad_id, self.bos_id, self.eos_id)
-
-    @property
     def eos_ids(self) -> frozenset[int]:
         return frozenset((self.eos_id,))
 

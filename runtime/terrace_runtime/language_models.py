@@ -29,7 +29,7 @@ import numpy as np
 
 from .generation import Sequence_
 from .hf_tokenizer import HFTokenizer, TokenizerError
-from .models import ModelInfo, ModelLoadError
+from .models import ModelInfo, ModelLoadError, torch_device
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class BatchedOnnxDecoder:
         self.window = int((dec.get("sliding_window") or {}).get("window_size") or 0)
         self.capacity = self.window or min(self.context_length, 1024)
         self.architecture = str(model.get("type", "unknown"))
-        self.quantization = _onnx_precision(path, "none")
+        self.quantization = _onnx_precision(path)
         self.rows: list[Sequence_] = []  # row r holds rows[r]
         self.lengths: list[int] = []  # tokens in each row's cache
         self.slots = 0
@@ -331,7 +331,7 @@ class OgaDecoder:
             ) from exc
         self.og = og
         raw = json.loads((folder / "genai_config.json").read_text())
-        decoder_cfg = raw.get("model", {}).get("decoder", {})
+        filename = raw.get("model", {}).get("decoder", {}).get("filename", "model.onnx")
         try:
             config = og.Config(str(folder))
             config.clear_providers()
@@ -350,10 +350,7 @@ class OgaDecoder:
             raise ModelLoadError(f"onnxruntime-genai cannot load {folder}: {exc}") from exc
         self.context_length = int(raw.get("model", {}).get("context_length") or 2048)
         self.architecture = str(raw.get("model", {}).get("type", "unknown"))
-        weights = json.dumps(decoder_cfg)
-        self.quantization = "int4" if "int4" in weights or "q4" in weights.lower() else "none"
-        if (folder / "model.onnx").exists():
-            self.quantization = _onnx_precision(folder / "model.onnx", self.quantization)
+        self.quantization = _onnx_precision(folder / filename)
 
     def logits(self, batch: list[Sequence_]) -> np.ndarray:
         rows = []
@@ -375,14 +372,14 @@ class OgaDecoder:
         del self.model
 
 
-def _onnx_precision(path: Path, default: str) -> str:
+def _onnx_precision(path: Path) -> str:
     """int4 when the graph has MatMulNBits nodes (the model builder's int4)."""
     try:
         import onnx
 
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception:
-        return default
+        return "none"
     return "int4" if any(n.op_type == "MatMulNBits" for n in graph.node) else "none"
 
 
@@ -416,13 +413,7 @@ class TransformersDecoder:
                 "transformers and torch are needed for format torch (pip install 'terrace[llm]')"
             ) from exc
         self.torch, self.DynamicCache = torch, DynamicCache
-        if (device in ("auto", "cuda") or device.startswith("cuda")) and torch.cuda.is_available():
-            self.device = "cuda:0" if device in ("auto", "cuda") else device
-        else:
-            if device.startswith("cuda"):
-                log.warning("CUDA requested but torch sees no GPU; using CPU")
-            self.device = "cpu"
-            torch.set_num_threads(threads)
+        self.device = torch_device(torch, device, threads)
         try:
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
             dtype = torch.bfloat16 if self.device != "cpu" else torch.float32

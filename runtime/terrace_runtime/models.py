@@ -160,6 +160,18 @@ def _onnx_type(type_str: str) -> str:
         raise ModelLoadError(f"unsupported ONNX tensor type {type_str}") from None
 
 
+def torch_device(torch: Any, device: str, threads: int) -> str:
+    """Where torch runs: CUDA for "auto"/"cuda"/"cuda:N" when torch sees a GPU
+    (a warning and CPU when one was asked for and there is none), else CPU with
+    `threads` threads."""
+    if (device in ("auto", "cuda") or device.startswith("cuda:")) and torch.cuda.is_available():
+        return "cuda:0" if device in ("auto", "cuda") else device
+    if device != "auto" and device.startswith("cuda"):
+        log.warning("CUDA requested but torch sees no GPU; using CPU")
+    torch.set_num_threads(threads)
+    return "cpu"
+
+
 class TorchBackend:
     """TorchScript (`torch.jit.save`) or `torch.export.save` programs."""
 
@@ -169,16 +181,7 @@ class TorchBackend:
         except ImportError as exc:
             raise ModelLoadError("torch is not installed (pip install 'terrace[torch]')") from exc
         self.torch = torch
-        if device in ("auto", "cuda") or device.startswith("cuda:"):
-            if torch.cuda.is_available():
-                device = "cuda:0" if device in ("auto", "cuda") else device
-            else:
-                if device != "auto":
-                    log.warning("CUDA requested but torch sees no GPU; using CPU")
-                device = "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
+        self.device = torch.device(torch_device(torch, device, threads))
         extra = {TORCH_EXTRA_FILE: ""}
         try:
             module = _load_torch(torch, path, self.device, extra)

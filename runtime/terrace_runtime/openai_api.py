@@ -441,6 +441,7 @@ async def completions(request: Request) -> Response:
         return _error_response(state, err)
 
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
     def prompt_text(i: int) -> str:
         text = texts[i]
         if text is None:  # a token-id prompt: echo what the ids spell
