@@ -40,7 +40,7 @@ try:
 except Exception:  # running from a source tree without the distribution installed
     VERSION = "0.0.0"
 
-# A handler answers with an ASGI app: a Response, or proxy.UpstreamStream for SSE.
+# A handler answers with an ASGI app: a Response, or relay.SseRelay for SSE.
 Handler = Callable[[Request], Awaitable[ASGIApp]]
 
 
@@ -62,12 +62,16 @@ def _guard(fn: Handler, shape: str = "openai") -> Handler:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    # Unknown paths and wrong methods in OpenAI's envelope too.
+    """Unknown paths and wrong methods, in the shape of the protocol the path
+    belongs to: OIP v2's under /v2, OpenAI's envelope elsewhere."""
     assert isinstance(exc, HTTPException)
     code = "not_found" if exc.status_code == 404 else None
-    return RouterError(
+    err = RouterError(
         exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code
-    ).openai_response(dict(exc.headers or {}))
+    )
+    err.extra_headers = dict(exc.headers or {})
+    path = request.url.path
+    return err.v2_response() if path == "/v2" or path.startswith("/v2/") else err.openai_response()
 
 
 def create_app(

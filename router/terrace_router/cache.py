@@ -2,8 +2,10 @@
 
 Bounded in entries (least recently used goes first) and in age (TTL). The
 key is the request JSON with sorted keys, so `{"a":1,"b":2}` and
-`{"b":2,"a":1}` hit the same entry; fields that cannot change the answer
-(`user`, `stream_options`) are left out of it.
+`{"b":2,"a":1}` hit the same entry. Everything that can change the bytes of
+the answer is in the key (`stream_options` adds a usage chunk to a stream);
+only `user`, an end-user id for abuse monitoring, is left out. Only
+complete, successful answers are stored (the proxy and the relay decide).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-_IGNORED_FIELDS = ("user", "stream_options")
+_IGNORED_FIELDS = ("user",)
 
 
 @dataclass(frozen=True, slots=True)

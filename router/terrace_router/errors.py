@@ -9,8 +9,12 @@ clients read `{"error": "message"}`. Nothing here ever carries a traceback.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 
 from starlette.responses import Response
+
+from .policy import OVERLOAD, TIMEOUT, UNAVAILABLE
 
 
 class RouterError(Exception):
@@ -98,22 +102,68 @@ def model_not_found(model: str) -> RouterError:
     )
 
 
-def overloaded(retry_after: int) -> RouterError:
-    return RouterError(
-        429,
-        "Every tier that could serve this request is at its in-flight limit; retry shortly.",
-        type="rate_limit_error",
-        code="rate_limit_exceeded",
-        retry_after=retry_after,
-    )
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why one tier did not answer a request.
+
+    `kind` is a policy reason (overload, unavailable, timeout, error);
+    `status`, `retry_after` and `detail` are the upstream's own, when it
+    answered (a 429 or a 5xx): they reach the client intact."""
+
+    tier: str
+    kind: str
+    status: int | None = None
+    retry_after: int | None = None
+    detail: str = ""
+
+    def describe(self) -> str:
+        if self.status is not None:
+            said = f" ({self.detail})" if self.detail else ""
+            return f"tier '{self.tier}' answered {self.status}{said}"
+        return f"tier '{self.tier}' {_KIND_TEXT.get(self.kind, 'failed')}"
 
 
-def unavailable(retry_after: int, detail: str) -> RouterError:
+_KIND_TEXT = {
+    OVERLOAD: "is at its in-flight limit",
+    UNAVAILABLE: "has no reachable endpoint",
+    TIMEOUT: "timed out",
+}
+
+# The router's status when the last tier tried failed without an HTTP
+# answer of its own: a gateway's usual codes.
+_STATUS = {OVERLOAD: 429, UNAVAILABLE: 503, TIMEOUT: 504}
+
+
+def no_answer(failures: list[Failure], wait_seconds: float) -> RouterError:
+    """The error for a request no tier answered, naming every tier's cause.
+
+    Every failure an overload (an in-flight limit or an upstream 429): 429
+    with the soonest Retry-After any upstream gave (else 1 s). Otherwise the
+    last tier's failure decides: its own HTTP status and Retry-After when it
+    answered, else 503 (no endpoint; Retry-After = `wait_seconds` until one
+    leaves ejection), 504 (timeout) or 502 (reset, malformed answer)."""
+    causes = "; ".join(f.describe() for f in failures) or "no tier was tried"
+    message = f"No tier could serve this request: {causes}. Retry shortly."
+    if failures and all(f.kind == OVERLOAD for f in failures):
+        given = [f.retry_after for f in failures if f.retry_after is not None]
+        return RouterError(
+            429,
+            message,
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            retry_after=min(given) if given else 1,
+        )
+    last = failures[-1] if failures else Failure("none", UNAVAILABLE)
+    status = last.status or _STATUS.get(last.kind, 502)
+    retry_after = last.retry_after
+    if retry_after is None and status == 503:
+        retry_after = max(1, math.ceil(wait_seconds))
+    code = {503: "service_unavailable", 504: "upstream_timeout", 502: "bad_gateway"}
     return RouterError(
-        503,
-        f"No tier could serve this request ({detail}); retry shortly.",
+        status,
+        message,
         type="server_error",
-        code="service_unavailable",
+        code=code.get(status, "upstream_error"),
         retry_after=retry_after,
     )
 

@@ -1,32 +1,74 @@
-"""Open Inference Protocol v2 (KServe): passed through to the tier serving the model.
+"""Open Inference Protocol v2 (KServe): passed to the tier serving the model.
 
-There is no complexity routing here: a tensor request names its model, and
-the tier that serves it (by tier name or `upstreamModel`, v2 tiers first)
-answers. Endpoints of that tier are balanced and health-checked like any
-other; a connection that cannot be made moves on to the tier's next endpoint.
-Errors use the protocol's `{"error": "..."}` shape.
+A tensor request names its model, and the tier that serves it (by tier name
+or `upstreamModel`, v2 tiers first) answers: the decision is pinned (see
+`policy.decide_pinned`), so a v2 request never escalates to another tier: a
+different model would not take the same tensors. Within the tier it uses the
+one attempt path (`attempts.py`): endpoints balanced and health-checked,
+another endpoint only when the request never went out. Errors use the
+protocol's `{"error": "..."}` shape.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from time import monotonic, perf_counter
+from time import perf_counter
 
 import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import policy
+from .attempts import MALFORMED, SOUND, Exchange, Outgoing, attempt
+from .disconnect import ClientGone, unless_gone
 from .errors import RouterError
 from .metrics import RouterMetrics
-from .pool import Endpoint
-from .proxy import read_body
+from .proxy import CLIENT_CLOSED, authorize, read_body
 from .state import RouterState, Tier
-from .upstream import CONNECT, TIMEOUT, Reply, UpstreamFailure, fetch
+from .upstream import Head
 
 # Headers of the binary tensor extension travel with the body.
 _FORWARD_HEADERS = ("content-type", "inference-header-content-length")
+
+
+class V2Exchange(Exchange):
+    """A v2 request: the same bytes, on the same path, with the model named
+    as the tier calls it."""
+
+    def __init__(
+        self,
+        state: RouterState,
+        tier: Tier,
+        *,
+        method: str,
+        suffix: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        t0: float,
+    ) -> None:
+        decision = policy.decide_pinned(state.tiers.index(tier), "v2 model")
+        super().__init__(state, state.tiers, decision, stream=False, t0=t0)
+        self.method = method
+        self.suffix = suffix  # what follows the model name in the path
+        self.body = body
+        self.headers = headers
+
+    def outgoing(self, tier: Tier, check: bool) -> Outgoing:
+        name = tier.upstream_model or tier.name
+        return Outgoing(self.method, f"/v2/models/{name}{self.suffix}", self.body, self.headers)
+
+    def judge(
+        self, tier: Tier, head: Head, body: bytes, out: Outgoing, check: bool
+    ) -> tuple[str, bytes]:
+        """A JSON answer must parse (binary tensor answers are passed as they are)."""
+        binary = "inference-header-content-length" in head.headers
+        if not binary and head.headers.get("content-type", "").startswith("application/json"):
+            try:
+                json.loads(body)
+            except ValueError:
+                return MALFORMED, body
+        return SOUND, body
 
 
 class OipProxy:
@@ -54,72 +96,41 @@ class OipProxy:
         t0 = perf_counter()
         name = request.path_params["name"]
         tier = None
+        post = request.method == "POST"
         try:
-            state.keys.check(request.headers.get("authorization"))
+            await authorize(state, request)
             tier = state.v2_models.get(name)
             if tier is None:
+                if post:
+                    await read_body(request, state.max_body_bytes)
                 raise RouterError(404, f"Model '{name}' is not served by this router.")
-            upstream_name = tier.upstream_model or name
-            # Same path upstream, with the model renamed to what the tier calls it.
-            suffix = request.url.path.split("/models/", 1)[1][len(name) :]
-            path = f"/v2/models/{upstream_name}{suffix}"
             body = None
             headers = {}
-            if request.method == "POST":
+            if post:
                 body = await read_body(request, state.max_body_bytes)
                 headers = {h: v for h in _FORWARD_HEADERS if (v := request.headers.get(h))}
-            resp = await self._send(tier, request.method, path, body, headers)
+            suffix = request.url.path.split("/models/", 1)[1][len(name) :]
+            x = V2Exchange(
+                state, tier, method=request.method, suffix=suffix, body=body, headers=headers, t0=t0
+            )
+            client = self.client()
+            assert client is not None
+            answer = await unless_gone(request.receive, attempt(x, client, self.metrics))
         except RouterError as err:
             self.metrics.observe_request(tier.name if tier else "none", err.status, None)
             return err.v2_response()
-        out_headers = {"x-terrace-tier": tier.name}
+        except ClientGone:
+            self.metrics.observe_request(tier.name if tier else "none", CLIENT_CLOSED, None)
+            return Response(status_code=CLIENT_CLOSED)
+        out_headers = {"x-terrace-tier": answer.tier.name}
         for h in _FORWARD_HEADERS:
-            if (v := resp.headers.get(h)) is not None:
+            if (v := answer.headers.get(h)) is not None:
                 out_headers[h] = v
-        if request.method == "POST":
-            self.metrics.observe_request(tier.name, resp.status, perf_counter() - t0)
-            if resp.status < 300 and tier.index >= 0:
-                state.share.record(tier.index)
-        return Response(resp.body, status_code=resp.status, headers=out_headers)
-
-    async def _send(
-        self, tier: Tier, method: str, path: str, body: bytes | None, headers: dict[str, str]
-    ) -> Reply:
-        client = self.client()
-        assert client is not None
-        pool = tier.pool
-        tried: set[Endpoint] = set()
-        while True:
-            ep = pool.pick(monotonic(), tried)
-            if isinstance(ep, str):
-                if ep == "overloaded":
-                    raise RouterError(
-                        429, f"Tier '{tier.name}' is at its in-flight limit.", retry_after=1
-                    )
-                wait = pool.seconds_until_available(monotonic())
-                raise RouterError(
-                    503,
-                    f"No endpoint of tier '{tier.name}' is reachable.",
-                    retry_after=policy.retry_after_seconds(wait),
-                )
-            ep.inflight += 1
-            try:
-                resp = await fetch(client, method, ep.base + path, body, headers, tier.timeout)
-            except UpstreamFailure as failure:
-                pool.failed(ep, monotonic())
-                if failure.kind is CONNECT:
-                    tried.add(ep)
-                    continue
-                if failure.kind is TIMEOUT:
-                    raise RouterError(504, f"Tier '{tier.name}' timed out.") from None
-                raise RouterError(502, f"Tier '{tier.name}' failed.") from None
-            finally:
-                ep.inflight -= 1
-            if resp.status >= 500:
-                pool.failed(ep, monotonic())
-            else:
-                pool.succeeded(ep)
-            return resp
+        if post:
+            self.metrics.observe_request(answer.tier.name, answer.status, perf_counter() - t0)
+            if answer.status < 300 and answer.tier.index >= 0:
+                state.share.record(answer.tier.index)
+        return Response(answer.body, status_code=answer.status, headers=out_headers)
 
 
 def ready_response(ready: bool) -> Response:

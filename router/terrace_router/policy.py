@@ -22,7 +22,10 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from .config import EscalationConfig
 
 # Why the router left a tier; used as the `reason` label and in the
 # `x-terrace-escalated` header.
@@ -30,6 +33,46 @@ LOW_CONFIDENCE = "low_confidence"
 ERROR = "error"
 TIMEOUT = "timeout"
 OVERLOAD = "overload"
+UNAVAILABLE = "unavailable"  # no endpoint of the tier could be tried
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request goes: tier indexes to try in order, and why.
+
+    `order` indexes the candidate tiers (the OpenAI tiers in cost order, or
+    every tier for OIP v2). `check_confidence`: a cheap answer with a larger
+    tier left to ask is judged on its logprobs before it is kept."""
+
+    order: tuple[int, ...]
+    why: str
+    check_confidence: bool = False
+
+    def escalates(self, reason: str, escalation: EscalationConfig) -> bool:
+        """Whether a failure of this kind may move on to the next tier."""
+        if len(self.order) < 2:
+            return False
+        return escalation.on_overload if reason == OVERLOAD else escalation.on_error
+
+
+def decide_auto(score: float, start: int, n_tiers: int, escalation: EscalationConfig) -> Decision:
+    """An `auto` request: the tier its complexity score picked, then the
+    escalation order (`attempt_order`)."""
+    order = attempt_order(
+        start,
+        n_tiers,
+        pinned=False,
+        fallback_to_smaller=escalation.fallback_to_smaller,
+        max_attempts=escalation.max_attempts,
+    )
+    return Decision(tuple(order), f"complexity {score:.4f}", escalation.on_low_confidence)
+
+
+def decide_pinned(index: int, why: str) -> Decision:
+    """A request that names its tier (a tier name, or an OIP v2 model): that
+    tier only, on any of its endpoints. The client chose the model, so the
+    router never answers with another one."""
+    return Decision((index,), why)
 
 
 def tier_for_score(score: float, thresholds: Sequence[float]) -> int:
@@ -84,18 +127,13 @@ def is_low_confidence(response: dict[str, Any], kind: str, min_mean_logprob: flo
     return mean is not None and mean < min_mean_logprob
 
 
-def request_logprobs(payload: dict[str, Any], kind: str) -> bool:
-    """Ask the upstream for the logprobs the confidence check needs; True if
-    the router added them (and must strip them from the answer)."""
+def with_logprobs(payload: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """A copy of `payload` asking the upstream for the logprobs the
+    confidence check needs, or None when the client asked for them itself
+    (then nothing is added, and nothing must be stripped)."""
     if kind == "chat":
-        if payload.get("logprobs"):
-            return False
-        payload["logprobs"] = True
-        return True
-    if payload.get("logprobs") is not None:
-        return False
-    payload["logprobs"] = 1
-    return True
+        return None if payload.get("logprobs") else {**payload, "logprobs": True}
+    return None if payload.get("logprobs") is not None else {**payload, "logprobs": 1}
 
 
 def strip_logprobs(response: dict[str, Any]) -> None:

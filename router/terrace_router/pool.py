@@ -2,6 +2,13 @@
 limit per endpoint, and passive health (eject after repeated failures, try
 again after a cooldown).
 
+Which failures count: an endpoint that cannot be reached, resets, answers
+garbage or answers 502/503/504 is at fault. A failure a request can cause
+by itself (a 500 answer, a read timeout on a long generation) counts only
+while the endpoint has answered nothing successfully for `eject_seconds`: a
+few bad requests never take a tier that serves everyone else out of
+service. Answers in 4xx are the client's and count as successes.
+
 Pure bookkeeping over plain counters; the caller passes the clock and does
 the HTTP. Everything runs on the event loop thread, so no locks.
 """
@@ -22,27 +29,18 @@ def normalize_base_url(url: str) -> str:
 class Endpoint:
     __slots__ = (
         "base",
-        "chat_url",
-        "completions_url",
         "inflight",
         "failures",
         "ejected_until",
-        "targets",
+        "last_success",
     )
 
     def __init__(self, base: str) -> None:
         self.base = normalize_base_url(base)
-        # Precomputed so the hot path does no string work.
-        self.chat_url = self.base + "/v1/chat/completions"
-        self.completions_url = self.base + "/v1/completions"
         self.inflight = 0
         self.failures = 0  # consecutive
         self.ejected_until = 0.0
-        # Parsed URL objects, filled by the HTTP layer (parsing per request costs ~20 us).
-        self.targets: dict[str, object] = {}
-
-    def url_for(self, kind: str) -> str:
-        return self.chat_url if kind == "chat" else self.completions_url
+        self.last_success = float("-inf")  # monotonic seconds
 
     def __repr__(self) -> str:
         return f"Endpoint({self.base!r}, inflight={self.inflight}, failures={self.failures})"
@@ -93,11 +91,16 @@ class TierPool:
             return best
         return Pick.OVERLOADED if saw_healthy else Pick.UNAVAILABLE
 
-    def succeeded(self, ep: Endpoint) -> None:
+    def succeeded(self, ep: Endpoint, now: float) -> None:
         ep.failures = 0
         ep.ejected_until = 0.0
+        ep.last_success = now
 
-    def failed(self, ep: Endpoint, now: float) -> None:
+    def failed(self, ep: Endpoint, now: float, *, endpoint_fault: bool = True) -> None:
+        """Count a failure; `endpoint_fault=False` for one the request may
+        have caused (see the module docstring)."""
+        if not endpoint_fault and now - ep.last_success < self.eject_seconds:
+            return
         ep.failures += 1
         if ep.failures >= self.eject_after:
             # After the cooldown one request probes it; another failure

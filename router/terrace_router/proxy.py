@@ -1,14 +1,16 @@
-"""The OpenAI request path: classify, pick a tier, forward, escalate, answer.
+"""The OpenAI request path: check, classify, decide, attempt, answer.
 
 One `Proxy` per app. It reads the current `RouterState` once per request
 (so a reload never changes the rules under a request in flight) and uses the
-app's one shared upstream session (`upstream.py`). Decisions (tier order, confidence) come
-from `policy.py`; this module only does the I/O around them.
+app's one shared upstream session. The routing decision comes from
+`policy.py`, the attempts (endpoints, escalation, failures) from
+`attempts.py`, the SSE relay from `relay.py`; this module parses the
+client's request and shapes the answer.
 
 A request is never dropped: it gets an upstream's answer, the best answer
-seen so far (a low-confidence cheap answer whose escalation failed), or a
-clean OpenAI-shaped error (429 when every candidate tier was at its
-in-flight limit, 503 otherwise), both with `Retry-After`.
+seen so far (an unsure cheap answer whose escalation failed), or a clean
+OpenAI-shaped error naming why (`errors.no_answer`). A client that leaves
+stops the work (`disconnect.py`).
 """
 
 from __future__ import annotations
@@ -23,34 +25,40 @@ import aiohttp
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 from . import policy
+from .attempts import MALFORMED, SOUND, UNSURE, Answer, Exchange, Outgoing, attempt
 from .cache import CachedAnswer, cache_key
-from .errors import RouterError, bad_request, model_not_found, overloaded, too_large, unavailable
+from .disconnect import ClientGone, unless_gone
+from .errors import RouterError, bad_request, model_not_found, too_large
 from .metrics import RouterMetrics
-from .pool import Endpoint, Pick, TierPool
+from .relay import SseRelay
 from .schemas import is_deterministic, prompt_text, validate
 from .state import RouterState, Tier
-from .upstream import CONNECT, STREAM_ERRORS, Reply, UpstreamFailure, fetch, send
+from .upstream import Head
 
 log = logging.getLogger(__name__)
 
 _JSON_HEADERS = {"content-type": "application/json"}
 _JSON = "application/json"
 _SSE = "text/event-stream"
+_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
-# Outcomes of one attempt on one tier.
-OK = "ok"
-CLIENT_ERROR = "client_error"  # upstream 4xx (not 429): the request's fault, passed through
-ERROR = policy.ERROR
-TIMEOUT = policy.TIMEOUT
-OVERLOAD = policy.OVERLOAD
+# Status recorded for a request whose client left before its answer (nginx's).
+CLIENT_CLOSED = 499
 
 # A body larger than the limit is still read (and dropped) up to this size so
-# that the client, still sending, gets the 413 instead of a reset connection.
+# that the client, still sending, gets the 413 (or 401) instead of a reset.
 _DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+async def drain(request: Request) -> None:
+    """Read and drop what is left of the body, up to `_DRAIN_LIMIT` bytes."""
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > _DRAIN_LIMIT:
+            break
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -64,32 +72,51 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise bad_request("Invalid Content-Length header.") from None
         if size > limit:
             if size <= _DRAIN_LIMIT:
-                async for _ in request.stream():
-                    pass
+                await drain(request)
             raise too_large(limit)
     chunks = []
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            if total <= _DRAIN_LIMIT:
-                async for more in request.stream():
-                    total += len(more)
-                    if total > _DRAIN_LIMIT:
-                        break
+            await drain(request)
             raise too_large(limit)
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def parse_json(body: bytes) -> Any:
+async def authorize(state: RouterState, request: Request) -> None:
+    """A 401 unless the request carries a known key; the body is drained
+    first so that a client still sending sees the 401, not a reset."""
     try:
-        return json.loads(body)
+        state.keys.check(request.headers.get("authorization"))
+    except RouterError:
+        await drain(request)
+        raise
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: `NaN` and `Infinity` (which Python's json accepts) are not JSON."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
     except ValueError:
         raise bad_request(
             "We could not parse the JSON body of your request. (HINT: This likely means you "
             "aren't using your HTTP library correctly.)"
         ) from None
+
+
+def without_nulls(payload: Any) -> Any:
+    """A top-level `null` in an OpenAI request means "the default", as if the
+    field were absent (OpenAI's SDKs send them): dropped before validation,
+    caching and forwarding, so every upstream sees the same request."""
+    if isinstance(payload, dict) and None in payload.values():
+        return {k: v for k, v in payload.items() if v is not None}
+    return payload
 
 
 def _decision_headers(
@@ -101,6 +128,62 @@ def _decision_headers(
     return h
 
 
+def _loads_or_none(content: bytes) -> Any:
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class OpenAIExchange(Exchange):
+    """An OpenAI request: the same JSON to every tier, with the model name
+    each tier expects and, when the answer is judged, logprobs."""
+
+    def __init__(
+        self,
+        state: RouterState,
+        decision: policy.Decision,
+        *,
+        kind: str,
+        payload: dict[str, Any],
+        auto: bool,
+        t0: float,
+    ) -> None:
+        super().__init__(
+            state, state.openai_tiers, decision, stream=payload.get("stream") is True, t0=t0
+        )
+        self.kind = kind
+        self.payload = payload
+        self.model: str = payload["model"]
+        self.auto = auto
+        self.path = _PATHS[kind]
+
+    def outgoing(self, tier: Tier, check: bool) -> Outgoing:
+        body = {**self.payload, "model": tier.model_for(self.model, self.auto)}
+        asked = policy.with_logprobs(body, self.kind) if check else None
+        if asked is not None:
+            body = asked
+        return Outgoing(
+            "POST", self.path, json.dumps(body).encode(), _JSON_HEADERS, asked is not None
+        )
+
+    def judge(
+        self, tier: Tier, head: Head, body: bytes, out: Outgoing, check: bool
+    ) -> tuple[str, bytes]:
+        parsed = _loads_or_none(body)
+        if parsed is None:
+            return MALFORMED, body
+        if not check:
+            return SOUND, body
+        esc = self.state.escalation
+        low = policy.is_low_confidence(parsed, self.kind, esc.min_mean_logprob)
+        if out.added_logprobs:
+            policy.strip_logprobs(parsed)
+            body = json.dumps(parsed).encode()
+        return (UNSURE if low else SOUND), body
+
+
 class Proxy:
     def __init__(self, current: Callable[[], RouterState], metrics: RouterMetrics) -> None:
         self.current = current
@@ -108,47 +191,45 @@ class Proxy:
         self.client: aiohttp.ClientSession | None = None  # set by the app's lifespan
         self._scoring = anyio.CapacityLimiter(1)
 
-    # -- entry point -------------------------------------------------------
-
-    async def openai(self, request: Request, kind: str) -> Response | UpstreamStream:
+    async def openai(self, request: Request, kind: str) -> Response | SseRelay:
         state = self.current()
         t0 = perf_counter()
         try:
-            state.keys.check(request.headers.get("authorization"))
-            payload = parse_json(await read_body(request, state.max_body_bytes))
+            await authorize(state, request)
+            payload = without_nulls(parse_json(await read_body(request, state.max_body_bytes)))
             validate(kind, payload)
-            return await self._route(state, kind, payload, t0)
+            return await unless_gone(request.receive, self._route(state, kind, payload, t0))
         except RouterError as err:
             self.metrics.observe_request("none", err.status, None)
             return err.openai_response()
+        except ClientGone:
+            self.metrics.observe_request("none", CLIENT_CLOSED, None)
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it
 
     async def _route(
         self, state: RouterState, kind: str, payload: dict[str, Any], t0: float
-    ) -> Response | UpstreamStream:
+    ) -> Response | SseRelay:
         model = payload["model"]
         auto = model in state.auto_names
-        if not auto:
-            pinned_tier = state.by_name.get(model)
-            if pinned_tier is None:
-                if model in state.v2_models:
-                    raise bad_request(
-                        f"The model `{model}` speaks the Open Inference Protocol v2; "
-                        f"use /v2/models/{model}/infer.",
-                        "model",
-                        "model_not_supported",
-                    )
-                raise model_not_found(model)
+        if not auto and model not in state.by_name:
+            if model in state.v2_models:
+                raise bad_request(
+                    f"The model `{model}` speaks the Open Inference Protocol v2; "
+                    f"use /v2/models/{model}/infer.",
+                    "model",
+                    "model_not_supported",
+                )
+            raise model_not_found(model)
         stream = payload.get("stream") is True
 
         key = None
-        cache = state.cache
-        if cache is not None:
+        if state.cache is not None:
             cc = state.config.cache
             if (not stream or cc.include_streaming) and (
                 cc.include_non_deterministic or is_deterministic(payload)
             ):
                 key = cache_key(kind, payload)
-                hit = cache.get(key, monotonic())
+                hit = state.cache.get(key, monotonic())
                 if hit is not None:
                     self.metrics.cache_hits.inc()
                     self.metrics.observe_request(hit.tier, 200, perf_counter() - t0)
@@ -159,21 +240,24 @@ class Proxy:
         score = await self._score(state, prompt_text(kind, payload))
         complexity = f"{score:.4f}"
         if auto:
-            start = state.route(score)
             self.metrics.complexity.observe(score)
+            decision = policy.decide_auto(
+                score, state.route(score), len(state.openai_tiers), state.escalation
+            )
         else:
-            start = state.by_name[model].index
-        esc = state.escalation
-        order = policy.attempt_order(
-            start,
-            len(state.openai_tiers),
-            pinned=not auto,
-            fallback_to_smaller=esc.fallback_to_smaller,
-            max_attempts=esc.max_attempts,
-        )
-        if stream:
-            return await self._stream(state, kind, payload, model, auto, order, complexity, key, t0)
-        return await self._unary(state, kind, payload, model, auto, order, complexity, key, t0)
+            decision = policy.decide_pinned(state.by_name[model].index, f"pinned to {model}")
+        x = OpenAIExchange(state, decision, kind=kind, payload=payload, auto=auto, t0=t0)
+        client = self.client
+        assert client is not None
+        try:
+            answer = await attempt(x, client, self.metrics)
+        except RouterError as err:
+            # The decision headers travel with the error too: what was scored, what was tried.
+            err.extra_headers = _decision_headers("none", complexity, x.reasons)
+            raise
+        if answer.held is not None:
+            return self._relay(x, answer, complexity, key)
+        return self._answer(x, answer, complexity, key)
 
     async def _score(self, state: RouterState, text: str) -> float:
         """The classifier's score. Shape features run inline (tens of
@@ -184,388 +268,68 @@ class Proxy:
         if not clf.needs_encoder(features):
             return clf.score_features(text, features)
         try:
-            return await anyio.to_thread.run_sync(clf.score_features, text, features,
-                                                  limiter=self._scoring)
+            return await anyio.to_thread.run_sync(
+                clf.score_features, text, features, limiter=self._scoring
+            )
         except Exception:  # a request is never lost to its score: the prior still routes it
             log.exception("classifier encoder failed; routing this request by the prior")
             return float(clf.model.prior(features)[0])
 
-    # -- non-streaming -----------------------------------------------------
-
-    async def _unary(
-        self,
-        state: RouterState,
-        kind: str,
-        payload: dict[str, Any],
-        model: str,
-        auto: bool,
-        order: list[int],
-        complexity: str,
-        key: str | None,
-        t0: float,
-    ) -> Response:
-        esc = state.escalation
-        tiers = state.openai_tiers
-        reasons: list[str] = []
-        failures: set[str] = set()
-        fallback: tuple[Tier, bytes] | None = None
-        for pos, idx in enumerate(order):
-            tier = tiers[idx]
-            nxt = order[pos + 1] if pos + 1 < len(order) else None
-            # Only a cheap answer with a larger tier left to ask is worth checking.
-            check = auto and esc.on_low_confidence and nxt is not None and nxt > idx
-            payload["model"] = tier.model_for(model, auto)
-            added = policy.request_logprobs(payload, kind) if check else False
-            data = json.dumps(payload).encode()
-            if added:
-                del payload["logprobs"]
-
-            outcome, resp = await self._send(tier, kind, data)
-            if resp is not None and outcome is OK:
-                content = resp.body
-                if check:
-                    parsed = _loads_or_none(content)
-                    if parsed is not None:
-                        low = policy.is_low_confidence(parsed, kind, esc.min_mean_logprob)
-                        if added:
-                            policy.strip_logprobs(parsed)
-                            content = json.dumps(parsed).encode()
-                        if low:
-                            fallback = (tier, content)
-                            reasons.append(policy.LOW_CONFIDENCE)
-                            self.metrics.escalated(policy.LOW_CONFIDENCE)
-                            continue
-                return self._answer(
-                    state,
-                    tier,
-                    content,
-                    resp.headers.get("content-type", _JSON),
-                    complexity,
-                    reasons,
-                    key,
-                    t0,
-                )
-            if resp is not None and outcome is CLIENT_ERROR:
-                return self._passthrough(
-                    tier,
-                    resp.status,
-                    resp.body,
-                    resp.headers.get("content-type", _JSON),
-                    complexity,
-                    reasons,
-                    t0,
-                )
-            failures.add(outcome)
-            allowed = esc.on_overload if outcome is OVERLOAD else esc.on_error
-            if not allowed or nxt is None:
-                break
-            reasons.append(outcome)
-            self.metrics.escalated(outcome)
-
-        if fallback is not None:
-            # The escalation failed; the cheap answer is better than none.
-            tier, content = fallback
-            return self._answer(state, tier, content, _JSON, complexity, reasons, None, t0)
-        raise self._no_answer(state, order, failures, complexity, reasons)
-
     def _answer(
-        self,
-        state: RouterState,
-        tier: Tier,
-        content: bytes,
-        media_type: str,
-        complexity: str,
-        reasons: list[str],
-        key: str | None,
-        t0: float,
+        self, x: OpenAIExchange, answer: Answer, complexity: str, key: str | None
     ) -> Response:
-        state.share.record(tier.index)
-        self.metrics.observe_request(tier.name, 200, perf_counter() - t0)
-        escalated = ",".join(reasons) if reasons else None
+        """A unary answer: the tier's 2xx (counted in the realized share, and
+        cached when it is a complete success) or its 4xx, passed through."""
+        tier = answer.tier
+        status = answer.status
+        self.metrics.observe_request(tier.name, status, perf_counter() - x.t0)
+        escalated = ",".join(x.reasons) or None
         headers = _decision_headers(tier.name, complexity, escalated)
-        if key is not None and state.cache is not None:
-            state.cache.put(
-                key,
-                CachedAnswer(content, media_type, tier.name, complexity, escalated),
-                monotonic(),
-            )
-            headers["x-terrace-cache"] = "miss"
-        return Response(content, headers=headers, media_type=media_type)
-
-    def _passthrough(
-        self,
-        tier: Tier,
-        status: int,
-        content: bytes,
-        media_type: str,
-        complexity: str,
-        reasons: list[str],
-        t0: float,
-    ) -> Response:
-        self.metrics.observe_request(tier.name, status, perf_counter() - t0)
-        return Response(
-            content,
-            status_code=status,
-            headers=_decision_headers(tier.name, complexity, reasons),
-            media_type=media_type,
-        )
-
-    def _no_answer(
-        self,
-        state: RouterState,
-        order: list[int],
-        failures: set[str],
-        complexity: str,
-        reasons: list[str],
-    ) -> RouterError:
-        if failures == {OVERLOAD}:
-            err = overloaded(1)
-        else:
-            now = monotonic()
-            wait = min(state.openai_tiers[i].pool.seconds_until_available(now) for i in order)
-            names = {TIMEOUT: "timeout", OVERLOAD: "overload"}
-            detail = " and ".join(sorted({names.get(f, "upstream error") for f in failures}))
-            err = unavailable(policy.retry_after_seconds(wait), detail or "no attempt allowed")
-        # The decision headers travel with the error too: what was scored, what was tried.
-        err.extra_headers = _decision_headers("none", complexity, reasons)
-        return err
-
-    async def _send(self, tier: Tier, kind: str, data: bytes) -> tuple[str, Reply | None]:
-        """One attempt on a tier; another of its endpoints is tried only when
-        the connection could not be made (then nothing was sent)."""
-        pool = tier.pool
-        tried: set[Endpoint] | None = None
-        client = self.client
-        assert client is not None
-        while True:
-            ep = pool.pick(monotonic(), tried or ())
-            if isinstance(ep, str):
-                return (OVERLOAD if ep is Pick.OVERLOADED else ERROR), None
-            ep.inflight += 1
-            try:
-                resp = await fetch(
-                    client, "POST", _target(ep, kind), data, _JSON_HEADERS, tier.timeout
-                )
-            except UpstreamFailure as failure:
-                pool.failed(ep, monotonic())
-                if failure.kind is CONNECT:
-                    tried = tried or set()
-                    tried.add(ep)
-                    continue
-                return failure.kind, None
-            finally:
-                ep.inflight -= 1
-            return self._classify(pool, ep, resp.status), resp
-
-    @staticmethod
-    def _classify(pool: TierPool, ep: Endpoint, status: int) -> str:
-        if status >= 500:
-            pool.failed(ep, monotonic())
-            return ERROR
-        if status == 429:
-            return OVERLOAD  # the upstream's own admission control, not a fault
-        pool.succeeded(ep)
-        return OK if status < 300 else CLIENT_ERROR
-
-    # -- streaming ---------------------------------------------------------
-
-    async def _stream(
-        self,
-        state: RouterState,
-        kind: str,
-        payload: dict[str, Any],
-        model: str,
-        auto: bool,
-        order: list[int],
-        complexity: str,
-        key: str | None,
-        t0: float,
-    ) -> Response | UpstreamStream:
-        """The tier is settled before the first byte: failures up to the
-        upstream's response headers escalate, later ones end the stream."""
-        esc = state.escalation
-        tiers = state.openai_tiers
-        reasons: list[str] = []
-        failures: set[str] = set()
-        client = self.client
-        assert client is not None
-        for pos, idx in enumerate(order):
-            tier = tiers[idx]
-            payload["model"] = tier.model_for(model, auto)
-            data = json.dumps(payload).encode()
-            pool = tier.pool
-            tried: set[Endpoint] = set()
-            outcome = ERROR
-            while True:
-                ep = pool.pick(monotonic(), tried)
-                if isinstance(ep, str):
-                    outcome = OVERLOAD if ep is Pick.OVERLOADED else ERROR
-                    break
-                ep.inflight += 1
-                try:
-                    resp = await send(
-                        client, "POST", _target(ep, kind), data, _JSON_HEADERS, tier.timeout
+        media_type = answer.headers.get("content-type", _JSON)
+        if status < 300:
+            x.state.share.record(tier.index)
+            cache = x.state.cache
+            if key is not None and cache is not None and not answer.fallback:
+                headers["x-terrace-cache"] = "miss"
+                if _complete_success(answer.body):
+                    cache.put(
+                        key,
+                        CachedAnswer(answer.body, media_type, tier.name, complexity, escalated),
+                        monotonic(),
                     )
-                except UpstreamFailure as failure:
-                    ep.inflight -= 1
-                    pool.failed(ep, monotonic())
-                    if failure.kind is CONNECT:
-                        tried.add(ep)
-                        continue
-                    outcome = failure.kind
-                    break
-                except BaseException:  # cancelled: the client left before the head came
-                    ep.inflight -= 1
-                    raise
-                outcome = self._classify(pool, ep, resp.status)
-                if outcome is OK:
-                    state.share.record(tier.index)
-                    headers = _decision_headers(tier.name, complexity, reasons)
-                    return UpstreamStream(
-                        self.metrics, state, tier, ep, resp, headers, key, complexity, t0
-                    )
-                try:
-                    if outcome is CLIENT_ERROR:
-                        try:
-                            content = await resp.read()
-                        except STREAM_ERRORS:
-                            content = b""
-                        return self._passthrough(
-                            tier,
-                            resp.status,
-                            content,
-                            resp.headers.get("content-type", _JSON),
-                            complexity,
-                            reasons,
-                            t0,
-                        )
-                finally:
-                    ep.inflight -= 1
-                    resp.release()
-                break
-            failures.add(outcome)
-            allowed = esc.on_overload if outcome is OVERLOAD else esc.on_error
-            if not allowed or pos + 1 >= len(order):
-                break
-            reasons.append(outcome)
-            self.metrics.escalated(outcome)
-        raise self._no_answer(state, order, failures, complexity, reasons)
+        return Response(answer.body, status_code=status, headers=headers, media_type=media_type)
 
-
-def _target(ep: Endpoint, kind: str) -> URL:
-    url = ep.targets.get(kind)
-    if url is None:
-        url = ep.targets[kind] = URL(ep.url_for(kind))
-    return url  # type: ignore[return-value]
-
-
-def _loads_or_none(content: bytes) -> Any:
-    try:
-        value = json.loads(content)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-class UpstreamStream:
-    """ASGI response relaying an upstream SSE stream.
-
-    Holds the endpoint's in-flight slot until the stream ends, however it
-    ends: upstream done, upstream broken (an SSE error event and `data:
-    [DONE]` close the stream cleanly), or the client gone (noticed by
-    watching `receive`, since the server silently drops writes then).
-    """
-
-    def __init__(
-        self,
-        metrics: RouterMetrics,
-        state: RouterState,
-        tier: Tier,
-        ep: Endpoint,
-        resp: aiohttp.ClientResponse,
-        headers: dict[str, str],
-        key: str | None,
-        complexity: str,
-        t0: float,
-    ) -> None:
-        self.metrics = metrics
-        self.state = state
-        self.tier = tier
-        self.ep = ep
-        self.resp = resp
-        self.key = key
-        self.complexity = complexity
-        self.t0 = t0
-        self.escalated = headers.get("x-terrace-escalated")
-        self.media_type = resp.headers.get("content-type", _SSE)
-        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
-        raw.append((b"content-type", self.media_type.encode()))
+    def _relay(
+        self, x: OpenAIExchange, answer: Answer, complexity: str, key: str | None
+    ) -> SseRelay:
+        tier = answer.tier
+        x.state.share.record(tier.index)
+        escalated = ",".join(x.reasons) or None
+        media_type = answer.headers.get("content-type", _SSE)
+        raw = [
+            (k.encode(), v.encode())
+            for k, v in _decision_headers(tier.name, complexity, escalated).items()
+        ]
+        raw.append((b"content-type", media_type.encode()))
         raw.append((b"cache-control", b"no-cache"))
+        cache = x.state.cache
         if key is not None:
             raw.append((b"x-terrace-cache", b"miss"))
-        self.raw_headers = raw
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        collected: list[bytes] | None = [] if self.key is not None else None
-        complete = False
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async with anyio.create_task_group() as tg:
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch_disconnect)
-                try:
-                    async for chunk in self.resp.content.iter_any():
-                        if collected is not None:
-                            collected.append(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    complete = True
-                except STREAM_ERRORS as exc:
-                    # Too late to escalate: bytes are out. End the stream in
-                    # OpenAI's in-band error shape, then [DONE].
-                    self.tier.pool.failed(self.ep, monotonic())
-                    log.warning("tier %s broke mid-stream: %s", self.tier.name, type(exc).__name__)
-                    err = {
-                        "error": {
-                            "message": "The upstream tier failed mid-stream.",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n",
-                            "more_body": True,
-                        }
-                    )
-                tg.cancel_scope.cancel()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            self.ep.inflight -= 1
-            # A body read to its end hands the connection back to the pool;
-            # anything else (client gone, upstream broken) closes it, so the
-            # upstream stops generating for nobody.
-            if complete:
-                self.resp.release()
-            else:
-                self.resp.close()
-            self.metrics.observe_request(self.tier.name, 200, perf_counter() - self.t0)
-            cache = self.state.cache
-            if complete and collected is not None and cache is not None and self.key is not None:
+        def on_end(body: bytes | None) -> None:
+            self.metrics.observe_request(tier.name, 200, perf_counter() - x.t0)
+            if body is not None and key is not None and cache is not None:
                 cache.put(
-                    self.key,
-                    CachedAnswer(
-                        b"".join(collected),
-                        self.media_type,
-                        self.tier.name,
-                        self.complexity,
-                        self.escalated,
-                    ),
+                    key,
+                    CachedAnswer(body, media_type, tier.name, complexity, escalated),
                     monotonic(),
                 )
+
+        assert answer.held is not None
+        return SseRelay(answer.held, tier.name, raw, on_end, collect=key is not None)
+
+
+def _complete_success(body: bytes) -> bool:
+    """Worth caching: a JSON object that is not an error."""
+    parsed = _loads_or_none(body)
+    return parsed is not None and "error" not in parsed and bool(parsed.get("choices"))

@@ -6,26 +6,35 @@ router's 1 ms added-latency budget; aiohttp (C llhttp parser, asyncio-native
 pool) costs a fraction of that. The session is created in the app's
 lifespan (`open_session`) and shared by every request.
 
-This module is the only place that knows aiohttp's exceptions: a failed
-attempt becomes an `UpstreamFailure` whose `kind` is what the router acts on
-(`connect`: nothing was sent, try another endpoint; `timeout`; `error`).
+This is the only module that knows the HTTP client library. A failed
+exchange becomes an `UpstreamFailure` whose `kind` is what the router acts
+on:
+
+- `connect`: the request provably never reached the upstream (the
+  connection could not be made, or a pooled connection was already closing
+  when the request was to be written). Safe to send elsewhere, or again.
+- `timeout`: no bytes for longer than the tier's read timeout.
+- `error`: anything else (reset after the request went out, a malformed
+  answer). The upstream may have read the request, so it is never re-sent
+  to the same tier: inference is not idempotent.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import aiohttp
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from . import policy
 
-CONNECT = "connect"  # the connection could not be made: nothing was sent
+CONNECT = "connect"  # nothing was sent
 TIMEOUT = policy.TIMEOUT
 ERROR = policy.ERROR
 
-# Idle upstream connections are closed before uvicorn's default 5 s
+# Idle upstream connections are closed before uvicorn's and llama.cpp's 5 s
 # keep-alive timeout, so the router rarely writes into a socket the upstream
-# is closing. (The rare race left is retried once, see `send`.)
+# is closing. The race left ends as `error` (escalated), never as a resend.
 KEEPALIVE_SECONDS = 4.0
 
 
@@ -62,76 +71,103 @@ def timeout(connect_seconds: float, read_seconds: float) -> aiohttp.ClientTimeou
     )
 
 
+_URLS: dict[str, URL] = {}
+
+
+def url(base: str, path: str) -> URL:
+    """A parsed URL, cached: parsing one per request costs ~20 us."""
+    key = base + path
+    parsed = _URLS.get(key)
+    if parsed is None:
+        if len(_URLS) > 4096:  # v2 paths carry model names: keep the cache bounded
+            _URLS.clear()
+        parsed = _URLS[key] = URL(key)
+    return parsed
+
+
+def _failure(exc: BaseException) -> UpstreamFailure:
+    if isinstance(exc, TimeoutError):  # aiohttp's read timeouts are TimeoutErrors too
+        return UpstreamFailure(TIMEOUT, str(exc) or "read timeout")
+    return UpstreamFailure(ERROR, str(exc) or type(exc).__name__)
+
+
+def _unwritten(exc: BaseException) -> bool:
+    """True when the request could not be written at all: aiohttp raises
+    its ClientConnectionResetError (itself or as the cause of the
+    ClientOSError it wraps writes in) only when the transport was already
+    closing at the write. A reset while reading the answer is a plain
+    ConnectionResetError: the upstream may have read the request."""
+    reset = aiohttp.ClientConnectionResetError
+    return isinstance(exc, reset) or isinstance(exc.__cause__, reset)
+
+
+class Head:
+    """An upstream response whose head is in and whose body is not read yet.
+
+    Whoever holds it ends it: `read()` and `chunks()` to the end hand the
+    connection back to the pool; `close()` drops it (so an upstream still
+    generating sees the client leave)."""
+
+    __slots__ = ("_resp", "status", "headers")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers = resp.headers  # case-insensitive, read-only
+
+    async def read(self) -> bytes:
+        """The whole body. Raises UpstreamFailure (timeout, error)."""
+        try:
+            return await self._resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._resp.close()
+            raise _failure(exc) from None
+        finally:
+            self._resp.release()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives. Raises UpstreamFailure (timeout, error)."""
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _failure(exc) from None
+
+    def release(self) -> None:
+        self._resp.release()
+
+    def close(self) -> None:
+        self._resp.close()
+
+
 async def send(
     session: aiohttp.ClientSession,
     method: str,
-    url: URL | str,
+    target: URL,
     data: bytes | None,
     headers: dict[str, str],
     timeout: aiohttp.ClientTimeout,
-) -> aiohttp.ClientResponse:
-    """One request, returned once the response head is in (body unread: the
-    caller reads or streams it, then releases the response)."""
+) -> Head:
+    """One request, returned once the response head is in. A pooled
+    connection found closing before anything was written is replaced once;
+    nothing else is ever re-sent."""
     for attempt in (0, 1):
         try:
-            return await session.request(
+            resp = await session.request(
                 method,
-                url,
+                target,
                 data=data,
                 headers=headers,
                 timeout=timeout,
                 allow_redirects=False,
             )
+            return Head(resp)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamFailure(CONNECT, str(exc)) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            # The keep-alive race: a pooled idle connection that the upstream
-            # closed as the request went out. aiohttp retries this once for
-            # idempotent methods only; inference POSTs are safe to repeat
-            # (no answer came back), so one retry on a fresh connection here.
-            if attempt == 0:
-                continue
-            raise UpstreamFailure(ERROR, str(exc) or type(exc).__name__) from None
-        except TimeoutError as exc:  # aiohttp's read timeouts are TimeoutErrors too
-            raise UpstreamFailure(TIMEOUT, str(exc) or "read timeout") from None
-        except aiohttp.ClientError as exc:  # malformed answers, bad framing
-            raise UpstreamFailure(ERROR, str(exc) or type(exc).__name__) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if _unwritten(exc):
+                if attempt == 0:
+                    continue
+                raise UpstreamFailure(CONNECT, "connection closed before the request") from None
+            raise _failure(exc) from None
     raise AssertionError("unreachable")
-
-
-class Reply:
-    """A fully read upstream answer."""
-
-    __slots__ = ("status", "headers", "body")
-
-    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-
-async def fetch(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: URL | str,
-    data: bytes | None,
-    headers: dict[str, str],
-    timeout: aiohttp.ClientTimeout,
-) -> Reply:
-    """`send`, then the whole body. The connection goes back to the pool when
-    the body was read to its end, and is closed otherwise (error, timeout,
-    cancellation by a client that left)."""
-    resp = await send(session, method, url, data, headers, timeout)
-    try:
-        body = await resp.read()
-    except TimeoutError as exc:
-        raise UpstreamFailure(TIMEOUT, str(exc) or "read timeout") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamFailure(ERROR, str(exc) or type(exc).__name__) from None
-    finally:
-        resp.release()
-    return Reply(resp.status, resp.headers, body)
-
-
-# What reading a streamed body can raise when the upstream fails mid-way.
-STREAM_ERRORS = (TimeoutError, aiohttp.ClientError)

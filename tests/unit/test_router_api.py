@@ -6,391 +6,33 @@ and OIP v2, and that can be told to fail, stall or answer unsure."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
-from terrace_router.app import create_app
-from terrace_router.config import RouterConfig
-
-KEY = "sk-terrace-test"
-EASY = "What is 2 + 2?"
-HARD = (
-    "Let G be a finite group and H a subgroup of index p, the smallest prime dividing |G|. "
-    "Prove that H is normal in G, then determine, with justification, the number of Sylow "
-    "3-subgroups of a simple group of order 168 and explain how the class equation constrains "
-    "the conjugacy classes of elements of order 7. Statement 1 | Every integral domain with "
-    "finitely many elements is a field. Statement 2 | The polynomial x^4 + 1 is irreducible "
-    "over Q but reducible modulo every prime p."
+from router_harness import (
+    EASY,
+    HARD,
+    KEY,
+    RawTier,
+    chat,
+    chat_answer,
+    client,
+    make_config,
+    read_request,
+    samples,
+    serve_router,
 )
 
-
-# -- stub tiers ---------------------------------------------------------------
-
-
-@dataclass
-class StubControl:
-    name: str
-    mode: str = "ok"  # ok | fail (500) | slow (sleeps `delay` first)
-    delay: float = 0.0
-    logprob: float = -0.05  # per sampled token, when logprobs are asked for
-    token_delay: float = 0.0  # between streamed tokens
-    streams_completed: int = 0
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    inflight: int = 0
-    max_inflight_seen: int = 0
-
-
-def stub_app(ctl: StubControl) -> Starlette:
-    async def _behave() -> Response | None:
-        if ctl.mode == "fail":
-            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
-        if ctl.mode == "slow" or ctl.delay:
-            await asyncio.sleep(ctl.delay)
-        return None
-
-    async def openai_endpoint(request: Request) -> Response:
-        body = await request.json()
-        ctl.requests.append(body)
-        ctl.inflight += 1
-        ctl.max_inflight_seen = max(ctl.max_inflight_seen, ctl.inflight)
-        try:
-            failure = await _behave()
-            if failure is not None:
-                return failure
-            chat = request.url.path.endswith("/chat/completions")
-            text = f"answer from {ctl.name}"
-            tokens = text.split()
-            if body.get("stream"):
-                return StreamingResponse(_sse(body, chat, tokens), media_type="text/event-stream")
-            if chat:
-                logprobs = (
-                    {
-                        "content": [
-                            {"token": t, "logprob": ctl.logprob, "bytes": None, "top_logprobs": []}
-                            for t in tokens
-                        ]
-                    }
-                    if body.get("logprobs")
-                    else None
-                )
-                choice = {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs,
-                    "finish_reason": "stop",
-                }
-                obj = "chat.completion"
-            else:
-                logprobs = (
-                    {
-                        "tokens": tokens,
-                        "token_logprobs": [ctl.logprob] * len(tokens),
-                        "top_logprobs": None,
-                        "text_offset": list(range(len(tokens))),
-                    }
-                    if body.get("logprobs") is not None
-                    else None
-                )
-                choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": "stop"}
-                obj = "text_completion"
-            return JSONResponse(
-                {
-                    "id": "cmpl-1",
-                    "object": obj,
-                    "created": 1,
-                    "model": body["model"],
-                    "choices": [choice],
-                    "usage": {
-                        "prompt_tokens": 3,
-                        "completion_tokens": len(tokens),
-                        "total_tokens": 6,
-                    },
-                }
-            )
-        finally:
-            ctl.inflight -= 1
-
-    async def _sse(body: dict[str, Any], chat: bool, tokens: list[str]):
-        for i, tok in enumerate(tokens):
-            if ctl.token_delay:
-                await asyncio.sleep(ctl.token_delay)
-            piece = tok if i == 0 else " " + tok
-            if chat:
-                choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
-                obj = "chat.completion.chunk"
-            else:
-                choice = {"index": 0, "text": piece, "finish_reason": None}
-                obj = "text_completion"
-            chunk = {
-                "id": "c1",
-                "object": obj,
-                "created": 1,
-                "model": body["model"],
-                "choices": [choice],
-            }
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-        ctl.streams_completed += 1
-
-    async def v2_model(request: Request) -> Response:
-        return JSONResponse(
-            {
-                "name": request.path_params["name"],
-                "platform": "stub",
-                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
-                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
-            }
-        )
-
-    async def v2_infer(request: Request) -> Response:
-        body = await request.json()
-        ctl.requests.append(body)
-        data = body["inputs"][0]["data"]
-        return JSONResponse(
-            {
-                "model_name": request.path_params["name"],
-                "id": body.get("id", ""),
-                "outputs": [
-                    {
-                        "name": "y",
-                        "datatype": "FP32",
-                        "shape": [len(data)],
-                        "data": [2 * v for v in data],
-                    }
-                ],
-            }
-        )
-
-    return Starlette(
-        routes=[
-            Route("/v1/chat/completions", openai_endpoint, methods=["POST"]),
-            Route("/v1/completions", openai_endpoint, methods=["POST"]),
-            Route("/v2/models/{name}", v2_model, methods=["GET"]),
-            Route("/v2/models/{name}/infer", v2_infer, methods=["POST"]),
-        ]
-    )
-
-
-class ServerThread:
-    """A uvicorn server on 127.0.0.1 (a port the OS picks) in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        )
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def start(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
-
-
-class RawTier:
-    """A TCP server on 127.0.0.1 whose behaviour per connection is a function
-    `handler(conn, n)` (the n-th connection): for the answers no well-behaved
-    HTTP server gives (stale keep-alive, garbage, truncation, breaking off
-    mid-stream)."""
-
-    def __init__(self, handler: Callable[[socket.socket, int], None]) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)  # so the accept loop sees `stop`
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stopping = threading.Event()
-        self.open: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-
-    def start(self) -> RawTier:
-        self.thread.start()
-        return self
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(None)
-            self.connections += 1
-            self.open.append(conn)
-            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, n: int) -> None:
-        try:
-            self.handler(conn, n)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
-        for conn in self.open:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-
-def read_request(conn: socket.socket) -> bytes | None:
-    """One HTTP/1.1 request (head and Content-Length body), None at EOF."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        more = conn.recv(65536)
-        if not more:
-            return None
-        data += more
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        more = conn.recv(65536)
-        if not more:
-            return None
-        body += more
-    return head
-
-
-def chat_answer(text: str) -> bytes:
-    body = json.dumps(
-        {
-            "id": "raw",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "small",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-        }
-    ).encode()
-    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
-    return head.encode() + b"\r\n\r\n" + body
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for s in reversed(started):
-        s.stop()
-
-
-@pytest.fixture
-def stubs(servers: list[ServerThread]) -> dict[str, tuple[StubControl, str]]:
-    out = {}
-    for name in ("small", "medium", "large", "small-b"):
-        ctl = StubControl(name)
-        srv = ServerThread(stub_app(ctl)).start()
-        servers.append(srv)
-        out[name] = (ctl, srv.url)
-    return out
-
-
-def make_config(
-    stubs: dict[str, tuple[StubControl, str]],
-    *,
-    tiers: tuple[str, ...] = ("small", "large"),
-    thresholds: list[float] | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "name": "terrace",
-        "tiers": [{"name": t, "endpoints": [stubs[t][1]]} for t in tiers],
-        "auth": {"apiKeysEnv": "TERRACE_TEST_KEYS"},
-        "cache": {"enabled": False},
-    }
-    if thresholds is not None:
-        cfg["calibration"] = {"thresholds": thresholds}
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
-
-
-@pytest.fixture(autouse=True)
-def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TERRACE_TEST_KEYS", f"other-key,{KEY}")
-
-
-def serve_router(
-    servers: list[Any],
-    cfg: dict[str, Any],
-    config_path: Path | None = None,
-) -> str:
-    if config_path is not None:
-        app = create_app(config_path=config_path, reload_interval=0.1)
-    else:
-        app = create_app(RouterConfig.model_validate(cfg))
-    srv = ServerThread(app).start()
-    servers.append(srv)
-    return srv.url
-
-
-def client(url: str, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
-
-
-def samples(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """Values of one metric from the router's /metrics, keyed by sorted labels."""
-    out = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in family.samples:
-            if s.name == name:
-                out[tuple(sorted(s.labels.items()))] = s.value
-    return out
-
-
-def chat(c: openai.OpenAI, prompt: str, model: str = "auto", **kw: Any):
-    raw = c.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": prompt}], **kw
-    )
-    return raw.headers, raw.parse()
+pytestmark = pytest.mark.usefixtures("router_keys")
 
 
 # -- routing ------------------------------------------------------------------
@@ -443,31 +85,36 @@ def test_router_scores_a_long_prompt_as_the_cli_does(stubs, servers, capsys):
     url = serve_router(servers, make_config(stubs, thresholds=[2.0]))
     headers, _ = chat(client(url), long)
     assert headers["x-terrace-complexity"] == f"{expected:.4f}"
-    raw = client(url).completions.with_raw_response.create(model="auto", prompt=long,
-                                                           max_tokens=5)
+    raw = client(url).completions.with_raw_response.create(model="auto", prompt=long, max_tokens=5)
     assert raw.headers["x-terrace-complexity"] == f"{expected:.4f}"
 
 
 def test_a_lone_surrogate_in_an_exam_prompt_is_routed_not_a_500(stubs, servers):
     # JSON can carry a lone surrogate (\\ud800); the encoder must still read it.
     url = serve_router(servers, make_config(stubs, thresholds=[2.0]))
-    body = ('{"model": "auto", "messages": [{"role": "user", "content": "Which organelle '
-            'is the site of aerobic respiration in eukaryotic cells, the mito\\ud800chondrion or '
-            'another?\\nA. Ribosome\\nB. Mitochondrion\\nC. Golgi apparatus\\nD. Lysosome'
-            '\\nAnswer:"}]}')
-    r = httpx.post(url + "/v1/chat/completions", content=body,
-                   headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    body = (
+        '{"model": "auto", "messages": [{"role": "user", "content": "Which organelle '
+        "is the site of aerobic respiration in eukaryotic cells, the mito\\ud800chondrion or "
+        "another?\\nA. Ribosome\\nB. Mitochondrion\\nC. Golgi apparatus\\nD. Lysosome"
+        '\\nAnswer:"}]}'
+    )
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        content=body,
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
     assert r.status_code == 200, r.text
     assert 0.0 <= float(r.headers["x-terrace-complexity"]) <= 1.0
 
 
-def test_an_encoder_failure_routes_by_the_prior_not_a_lost_request(stubs, servers,
-                                                                  monkeypatch):
+def test_an_encoder_failure_routes_by_the_prior_not_a_lost_request(stubs, servers, monkeypatch):
     from terrace_router.classifier import Classifier
     from terrace_router.classifier.encoder import SentenceEncoder
 
-    exam = ("Which organelle is the site of aerobic respiration in eukaryotic cells?\n"
-            "A. Ribosome\nB. Mitochondrion\nC. Golgi apparatus\nD. Lysosome\nAnswer:")
+    exam = (
+        "Which organelle is the site of aerobic respiration in eukaryotic cells?\n"
+        "A. Ribosome\nB. Mitochondrion\nC. Golgi apparatus\nD. Lysosome\nAnswer:"
+    )
     clf = Classifier.load("builtin")
     assert clf.needs_encoder(clf.features(exam))
     prior = float(clf.model.prior(clf.features(exam))[0])
@@ -595,20 +242,23 @@ def test_tier_timing_out_is_escalated_past(stubs, servers):
     assert 'terrace_router_escalations_total{reason="timeout"} 1.0' in metrics
 
 
-def test_every_tier_failing_is_a_503_with_retry_after(stubs, servers):
+def test_every_tier_failing_names_each_cause_with_the_last_status(stubs, servers):
     stubs["small"][0].mode = stubs["large"][0].mode = "fail"
     url = serve_router(servers, make_config(stubs, thresholds=[2.0]))
     with pytest.raises(openai.InternalServerError) as exc:
         chat(client(url), EASY)
-    assert exc.value.status_code == 503
-    assert int(exc.value.response.headers["retry-after"]) >= 1
-    assert exc.value.body["code"] == "service_unavailable"
+    # The upstreams' own status, and what each said, reach the client.
+    assert exc.value.status_code == 500
+    message = exc.value.body["message"]
+    assert "tier 'small' answered 500 (boom)" in message
+    assert "tier 'large' answered 500 (boom)" in message
+    assert exc.value.body["type"] == "server_error"
     assert exc.value.response.headers["x-terrace-escalated"] == "error"
     assert exc.value.response.headers["x-terrace-tier"] == "none"
     assert float(exc.value.response.headers["x-terrace-complexity"]) >= 0
 
 
-def test_errors_escalation_off_gives_503_not_the_next_tier(stubs, servers):
+def test_errors_escalation_off_gives_the_error_not_the_next_tier(stubs, servers):
     stubs["small"][0].mode = "fail"
     url = serve_router(servers, make_config(stubs, thresholds=[2.0], escalation={"onError": False}))
     with pytest.raises(openai.InternalServerError):
@@ -790,6 +440,8 @@ def test_upstream_breaking_mid_stream_ends_the_stream_in_band(stubs, servers, br
         )
         if breaks == "stall":
             time.sleep(3)  # past the tier's read timeout: each chunk wait is bounded
+        else:
+            time.sleep(0.2)  # the event arrives on its own (aiohttp drops bytes read with an error)
         # then the connection closes without the terminating chunk
 
     raw = RawTier(handler).start()
@@ -809,20 +461,26 @@ def test_upstream_breaking_mid_stream_ends_the_stream_in_band(stubs, servers, br
         lines = [line for line in r.iter_lines() if line]
     assert lines[0] == event.decode().strip()
     assert json.loads(lines[1][6:])["error"]["type"] == "server_error"
-    assert lines[-1] == "data: [DONE]"
+    assert len(lines) == 2  # no [DONE]: nothing pretends the answer is whole
     assert not any(samples(url, "terrace_router_inflight").values())
 
 
 # -- upstream wire behaviour ------------------------------------------------------
 
 
-def test_stale_keepalive_connection_is_retried_once_on_a_fresh_one(stubs, servers):
+def test_a_request_the_upstream_read_is_never_sent_to_it_again(stubs, servers):
+    seen: list[bytes] = []
+
     def handler(conn: socket.socket, n: int) -> None:
-        # Answers the first request of each connection; on the second it
-        # closes without a byte, like a server whose idle timeout just fired.
-        read_request(conn)
-        conn.sendall(chat_answer(f"answer {n}"))
-        read_request(conn)
+        # Answers the first request of each connection; reads the second and
+        # closes without a byte, as a server that crashed on it would.
+        for answer in (True, False):
+            head = read_request(conn)
+            if head is None:
+                return
+            seen.append(head)
+            if answer:
+                conn.sendall(chat_answer(f"answer {n}"))
 
     raw = RawTier(handler).start()
     servers.append(raw)
@@ -830,12 +488,19 @@ def test_stale_keepalive_connection_is_retried_once_on_a_fresh_one(stubs, server
     cfg["tiers"][0]["endpoints"] = [raw.url]
     url = serve_router(servers, cfg)
     c = client(url)
-    answers = [chat(c, EASY) for _ in range(2)]
-    assert [resp.choices[0].message.content for _, resp in answers] == ["answer 1", "answer 2"]
-    assert all(h["x-terrace-tier"] == "small" for h, _ in answers)
-    assert not any("x-terrace-escalated" in h for h, _ in answers)
-    assert raw.connections == 2
-    assert stubs["large"][0].requests == []
+    first, second = chat(c, EASY), chat(c, EASY)
+    assert first[1].choices[0].message.content == "answer 1"
+    # The second went out on the kept-alive connection and was read: it is
+    # escalated, never re-sent to the tier that may be running it.
+    assert second[0]["x-terrace-tier"] == "large" and second[0]["x-terrace-escalated"] == "error"
+    assert len(seen) == 2 and raw.connections == 1
+    assert len(stubs["large"][0].requests) == 1
+    # Pinned, it has nowhere else to go: a clean 502, and still sent once.
+    assert chat(c, EASY, model="small")[1].choices[0].message.content == "answer 2"
+    with pytest.raises(openai.APIStatusError) as exc:
+        chat(c, EASY, model="small")
+    assert exc.value.status_code == 502 and exc.value.body["code"] == "bad_gateway"
+    assert len(seen) == 4 and raw.connections == 2
 
 
 def test_refused_endpoint_moves_to_the_tiers_next_endpoint(stubs, servers):
@@ -876,8 +541,8 @@ def test_malformed_upstream_answers_are_errors_in_the_protocols_shape(stubs, ser
     # ...and with nowhere to go, a clean OpenAI error (no traceback, nothing upstream leaks).
     with pytest.raises(openai.InternalServerError) as exc:
         chat(c, EASY, model="small")
-    assert exc.value.status_code == 503
-    assert exc.value.body["code"] == "service_unavailable"
+    assert exc.value.status_code == 502
+    assert exc.value.body["code"] == "bad_gateway"
     assert set(exc.value.response.json()["error"]) == {"message", "type", "param", "code"}
     # OIP v2 answers a bad gateway in its own `{"error": ...}` shape.
     r = httpx.post(

@@ -10,7 +10,7 @@ from terrace_router import policy
 from terrace_router.auth import ApiKeys
 from terrace_router.cache import CachedAnswer, ResponseCache, cache_key
 from terrace_router.cli import config_from_flags, main
-from terrace_router.config import AuthConfig, RouterConfig, load
+from terrace_router.config import AuthConfig, EscalationConfig, RouterConfig, load
 from terrace_router.errors import RouterError
 from terrace_router.pool import Endpoint, Pick, TierPool, normalize_base_url
 from terrace_router.schemas import is_deterministic, prompt_text, validate
@@ -77,16 +77,27 @@ def test_low_confidence_threshold_and_no_signal_keeps_the_answer():
 
 def test_logprobs_are_requested_only_when_missing_and_stripped():
     p = {"model": "x"}
-    assert policy.request_logprobs(p, "chat") and p["logprobs"] is True
-    p = {"model": "x", "logprobs": True}
-    assert not policy.request_logprobs(p, "chat")
-    p = {"model": "x"}
-    assert policy.request_logprobs(p, "completions") and p["logprobs"] == 1
-    p = {"model": "x", "logprobs": 0}
-    assert not policy.request_logprobs(p, "completions")
+    asked = policy.with_logprobs(p, "chat")
+    assert asked == {"model": "x", "logprobs": True} and p == {"model": "x"}  # a copy
+    assert policy.with_logprobs({"model": "x", "logprobs": True}, "chat") is None
+    assert policy.with_logprobs({"model": "x"}, "completions") == {"model": "x", "logprobs": 1}
+    assert policy.with_logprobs({"model": "x", "logprobs": 0}, "completions") is None
     resp = _chat(-1.0)
     policy.strip_logprobs(resp)
     assert resp["choices"][0]["logprobs"] is None
+
+
+def test_decisions_say_where_and_why():
+    esc = EscalationConfig()
+    auto = policy.decide_auto(0.42, 1, 3, esc)
+    assert auto.order == (1, 2, 0) and auto.why == "complexity 0.4200" and auto.check_confidence
+    assert auto.escalates(policy.ERROR, esc) and auto.escalates(policy.OVERLOAD, esc)
+    off = EscalationConfig(on_overload=False, on_error=False, on_low_confidence=False)
+    quiet = policy.decide_auto(0.42, 1, 3, off)
+    assert not quiet.check_confidence and not quiet.escalates(policy.OVERLOAD, off)
+    pinned = policy.decide_pinned(2, "pinned to large")
+    assert pinned.order == (2,) and not pinned.check_confidence
+    assert not pinned.escalates(policy.ERROR, esc)  # the client chose the model
 
 
 def test_retry_after_is_whole_seconds_at_least_one():
@@ -127,24 +138,42 @@ def test_ejection_after_consecutive_failures_and_probe_after_cooldown():
     pool = _pool(n=2, eject_after=2, eject_seconds=10.0)
     bad, good = pool.endpoints
     pool.failed(bad, 0.0)
-    pool.succeeded(bad)  # a success in between resets the streak
-    pool.failed(bad, 1.0)
+    pool.succeeded(bad, 0.5)  # a success in between resets the streak
+    pool.failed(bad, 11.0)
     assert bad.ejected_until == 0.0
-    pool.failed(bad, 2.0)
-    assert bad.ejected_until == 12.0
-    assert {pool.pick(5.0) for _ in range(4)} == {good}
-    assert pool.pick(5.0, exclude={good}) is Pick.UNAVAILABLE
-    assert pool.seconds_until_available(5.0) == 0.0
-    good.ejected_until = 20.0
-    assert pool.seconds_until_available(5.0) == pytest.approx(7.0)
-    assert pool.pick(13.0, exclude={good}) is bad  # the cooldown is over: probe it
-    pool.failed(bad, 13.0)  # the probe failed: out again at once
-    assert bad.ejected_until == 23.0
+    pool.failed(bad, 12.0)
+    assert bad.ejected_until == 22.0
+    assert {pool.pick(15.0) for _ in range(4)} == {good}
+    assert pool.pick(15.0, exclude={good}) is Pick.UNAVAILABLE
+    assert pool.seconds_until_available(15.0) == 0.0
+    good.ejected_until = 30.0
+    assert pool.seconds_until_available(15.0) == pytest.approx(7.0)
+    assert pool.pick(23.0, exclude={good}) is bad  # the cooldown is over: probe it
+    pool.failed(bad, 23.0)  # the probe failed: out again at once
+    assert bad.ejected_until == 33.0
+
+
+def test_failures_a_request_can_cause_never_eject_an_endpoint_that_serves_others():
+    pool = _pool(n=1, eject_after=2, eject_seconds=10.0)
+    (ep,) = pool.endpoints
+    pool.succeeded(ep, 100.0)
+    for t in (101.0, 102.0, 103.0, 104.0):  # bad requests: 500s, timeouts
+        pool.failed(ep, t, endpoint_fault=False)
+    assert ep.ejected_until == 0.0 and ep.failures == 0
+    # With no success for a whole eject window they count: a broken endpoint goes.
+    pool.failed(ep, 111.0, endpoint_fault=False)
+    pool.failed(ep, 112.0, endpoint_fault=False)
+    assert ep.ejected_until == 122.0
+    # Endpoint faults (refused, reset, 502/503/504) always count.
+    pool.succeeded(ep, 200.0)
+    pool.failed(ep, 200.5)
+    pool.failed(ep, 201.0)
+    assert ep.ejected_until == 211.0
 
 
 def test_base_urls_are_normalized():
     assert normalize_base_url("http://h:8080/v1/") == "http://h:8080"
-    assert Endpoint("http://h:8080/").chat_url == "http://h:8080/v1/chat/completions"
+    assert Endpoint("http://h:8080/").base == "http://h:8080"
 
 
 # -- cache --------------------------------------------------------------------

@@ -1,0 +1,263 @@
+"""The one attempt path: a request tries the tiers of its routing decision in
+order, each on that tier's least busy healthy endpoint, until one answers.
+
+OpenAI unary, OpenAI streaming and OIP v2 requests all go through `attempt`.
+What differs per protocol (the body sent to a tier, how a cheap answer is
+judged) is the `Exchange` subclass's; the rules are here, once:
+
+- Another endpoint of the same tier is tried only when the request provably
+  never reached the first one (`upstream.CONNECT`). Anything that may have
+  reached an upstream is never sent to it again: inference is not
+  idempotent.
+- An answer in 4xx (not 429) is the client's fault: passed through as it
+  came, never escalated, and it counts as a success for the endpoint.
+- A 429, a 5xx, a timeout, a reset or a malformed answer moves on to the
+  next tier when the decision and the escalation config allow it; otherwise
+  the client gets `errors.no_answer`, which names every tier's cause and
+  keeps an upstream's own status and `Retry-After`.
+- A stream is settled on a tier once its 2xx head is in; later failures end
+  the stream in band (`relay.py`).
+- A unary 2xx answer is judged (`Exchange.judge`): a malformed one is an
+  upstream failure like a reset; an unsure one (when a larger tier is left
+  to ask) sends the request on, and is kept as the fallback should the
+  rest fail.
+
+The client's payload is never changed: each attempt builds its own body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any
+
+import aiohttp
+
+from . import upstream
+from .errors import Failure, no_answer
+from .metrics import RouterMetrics
+from .policy import ERROR, LOW_CONFIDENCE, OVERLOAD, TIMEOUT, UNAVAILABLE, Decision
+from .pool import Endpoint, Pick, TierPool
+from .state import RouterState, Tier
+from .upstream import CONNECT, Head, UpstreamFailure
+
+log = logging.getLogger(__name__)
+
+# An upstream's error message is quoted to the client up to this length.
+_DETAIL_CHARS = 300
+
+# Verdicts on a 2xx answer (`Exchange.judge`).
+SOUND = "sound"
+UNSURE = "unsure"
+MALFORMED = "malformed"
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """What one attempt sends to a tier's endpoint."""
+
+    method: str
+    path: str
+    body: bytes | None
+    headers: dict[str, str]
+    added_logprobs: bool = False
+
+
+class Exchange:
+    """One client request on its way through the tiers: the per-request
+    context every step reads, and where what happened is recorded."""
+
+    def __init__(
+        self,
+        state: RouterState,
+        tiers: Sequence[Tier],
+        decision: Decision,
+        *,
+        stream: bool,
+        t0: float,
+    ) -> None:
+        self.state = state
+        self.tiers = tiers  # what decision.order indexes
+        self.decision = decision
+        self.stream = stream
+        self.t0 = t0  # perf_counter() at arrival
+        self.reasons: list[str] = []  # why each tier was left, in order
+        self.failures: list[Failure] = []
+
+    def outgoing(self, tier: Tier, check: bool) -> Outgoing:
+        """The request for `tier`; `check`: the answer will be judged."""
+        raise NotImplementedError
+
+    def judge(
+        self, tier: Tier, head: Head, body: bytes, out: Outgoing, check: bool
+    ) -> tuple[str, bytes]:
+        """The verdict on a 2xx body (`SOUND`, `UNSURE`: ask the next tier,
+        `MALFORMED`: the upstream is broken) and the body the client gets."""
+        return SOUND, body
+
+
+class Held:
+    """An endpoint's in-flight slot and an upstream response, until `finish`."""
+
+    __slots__ = ("pool", "ep", "head", "_open")
+
+    def __init__(self, pool: TierPool, ep: Endpoint, head: Head) -> None:
+        self.pool = pool
+        self.ep = ep
+        self.head = head
+        self._open = True
+
+    def finish(self, complete: bool) -> None:
+        """Free the slot. A body read to its end hands the connection back to
+        the pool; anything else closes it, so the upstream stops working for
+        nobody. Idempotent."""
+        if self._open:
+            self._open = False
+            self.ep.inflight -= 1
+            if complete:
+                self.head.release()
+            else:
+                self.head.close()
+
+    def failed(self, failure: UpstreamFailure) -> None:
+        """The body broke off: count it against the endpoint."""
+        self.pool.failed(self.ep, monotonic(), endpoint_fault=failure.kind != TIMEOUT)
+
+
+@dataclass(slots=True)
+class Answer:
+    """A tier's answer: `body` read whole, or `held` open for relaying."""
+
+    tier: Tier
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    held: Held | None = None
+    fallback: bool = False  # an unsure answer kept because the escalation failed
+
+
+async def attempt(x: Exchange, session: aiohttp.ClientSession, metrics: RouterMetrics) -> Answer:
+    """Try `x.decision`'s tiers in order. Raises RouterError (errors.no_answer)."""
+    order = x.decision.order
+    fallback: Answer | None = None
+    for pos, idx in enumerate(order):
+        tier = x.tiers[idx]
+        nxt = order[pos + 1] if pos + 1 < len(order) else None
+        check = x.decision.check_confidence and nxt is not None and nxt > idx
+        out = x.outgoing(tier, check)
+        result = await _try_tier(session, tier, out)
+        if isinstance(result, Held):
+            head = result.head
+            if x.stream and head.status < 300:
+                return Answer(tier, head.status, head.headers, b"", result)
+            try:
+                body = await head.read()
+            except UpstreamFailure as failure:
+                result.failed(failure)
+                result.finish(False)
+                result = Failure(tier.name, failure.kind)
+            else:
+                result.finish(True)
+                if head.status >= 300:
+                    return Answer(tier, head.status, head.headers, body)
+                verdict, body = x.judge(tier, head, body, out, check)
+                if verdict == SOUND:
+                    return Answer(tier, head.status, head.headers, body)
+                if verdict == UNSURE:
+                    fallback = Answer(tier, head.status, head.headers, body, fallback=True)
+                    x.reasons.append(LOW_CONFIDENCE)
+                    metrics.escalated(LOW_CONFIDENCE)
+                    continue
+                result.pool.failed(result.ep, monotonic())
+                log.warning("tier %s answered a malformed body", tier.name)
+                result = Failure(tier.name, ERROR, detail="")
+        x.failures.append(result)
+        reason = _reason(result.kind)
+        if nxt is None or not x.decision.escalates(reason, x.state.escalation):
+            break
+        x.reasons.append(reason)
+        metrics.escalated(reason)
+    if fallback is not None:
+        return fallback  # the escalation failed: an unsure answer beats none
+    now = monotonic()
+    wait = min(x.tiers[i].pool.seconds_until_available(now) for i in order)
+    raise no_answer(x.failures, wait)
+
+
+def _reason(kind: str) -> str:
+    """The escalation reason (header value, metric label) for a failure kind."""
+    return kind if kind in (OVERLOAD, TIMEOUT) else ERROR
+
+
+async def _try_tier(session: aiohttp.ClientSession, tier: Tier, out: Outgoing) -> Held | Failure:
+    """One attempt on a tier: its best endpoint, and the next one only when
+    the request never went out. A held 2xx/4xx answer, or why not."""
+    pool = tier.pool
+    tried: list[Endpoint] = []
+    while True:
+        ep = pool.pick(monotonic(), tried)
+        if isinstance(ep, str):
+            return Failure(tier.name, OVERLOAD if ep is Pick.OVERLOADED else UNAVAILABLE)
+        ep.inflight += 1
+        try:
+            head = await upstream.send(
+                session,
+                out.method,
+                upstream.url(ep.base, out.path),
+                out.body,
+                out.headers,
+                tier.timeout,
+            )
+        except UpstreamFailure as failure:
+            ep.inflight -= 1
+            pool.failed(ep, monotonic(), endpoint_fault=failure.kind != TIMEOUT)
+            if failure.kind == CONNECT:
+                tried.append(ep)
+                continue
+            log.warning("tier %s endpoint %s: %s: %s", tier.name, ep.base, failure.kind, failure)
+            return Failure(tier.name, failure.kind)
+        except BaseException:  # cancelled: the client left before the head came
+            ep.inflight -= 1
+            raise
+        held = Held(pool, ep, head)
+        status = head.status
+        if status < 500 and status != 429:
+            pool.succeeded(ep, monotonic())
+            return held
+        # An answer that is a failure: its status, Retry-After and message travel on.
+        try:
+            body = await head.read()
+        except UpstreamFailure:
+            body = b""
+        finally:
+            held.finish(True)
+        if status == 429:
+            kind = OVERLOAD  # the upstream's own admission control, not a fault
+        else:
+            kind = ERROR
+            pool.failed(ep, monotonic(), endpoint_fault=status in (502, 503, 504))
+        return Failure(tier.name, kind, status, _retry_after(head.headers), _detail(body))
+
+
+def _retry_after(headers: Mapping[str, str]) -> int | None:
+    """Retry-After in whole seconds (the delta-seconds form), if given."""
+    value = headers.get("retry-after", "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _detail(body: bytes) -> str:
+    """The message of an upstream's error body (OpenAI's envelope, OIP v2's
+    string, FastAPI's `detail`), or "" when it has none worth quoting."""
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(parsed, dict):
+        return ""
+    err = parsed.get("error", parsed.get("detail", parsed.get("message")))
+    if isinstance(err, dict):
+        err = err.get("message")
+    return err[:_DETAIL_CHARS] if isinstance(err, str) else ""

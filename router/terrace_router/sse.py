@@ -1,0 +1,83 @@
+"""Server-sent event framing, as the relay needs it (WHATWG HTML, "Server-sent
+events", event stream interpretation).
+
+An event ends at an empty line; lines end in CRLF, LF or CR. The relay
+forwards only whole events, so that if the upstream breaks off inside one,
+the half-written event is dropped and the client's parser still sees a
+well-formed stream followed by the router's error event.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# A line terminator followed by an empty line's terminator.
+_EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+_LINE = re.compile(rb"\r\n|\r|\n")
+
+
+def complete_prefix(buffer: bytes) -> int:
+    """Length of the longest prefix of `buffer` made of whole events (0: none)."""
+    if buffer.endswith(b"\n\n"):  # the usual case: a chunk is one or more whole events
+        return len(buffer)
+    end = 0
+    for match in _EVENT_END.finditer(buffer):
+        end = match.end()
+    return end
+
+
+def data_fields(block: bytes) -> list[bytes]:
+    """The `data` of each event in a block of whole events (multi-line data
+    joined with LF, as a parser would), events without data left out."""
+    out: list[bytes] = []
+    lines: list[bytes] = []
+    for line in _LINE.split(block):
+        if not line:
+            if lines:
+                out.append(b"\n".join(lines))
+                lines = []
+            continue
+        field, sep, value = line.partition(b":")
+        if field == b"data":
+            lines.append(value[1:] if sep and value.startswith(b" ") else value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """What a block of whole events holds, as the relay and the cache need it."""
+
+    well_formed: bool  # every event's data is a JSON object or `[DONE]`
+    carries_error: bool  # an event is an in-band error (`{"error": ...}`)
+    ends_done: bool  # the last event is OpenAI's `data: [DONE]`
+
+
+def inspect(block: bytes) -> Inspection:
+    """Inspect a block of whole events (events without data, such as
+    comments used as keep-alives, are fine)."""
+    well_formed = True
+    error = False
+    fields = data_fields(block)
+    for data in fields:
+        if data.strip() == b"[DONE]":
+            continue
+        try:
+            parsed: Any = json.loads(data)
+        except ValueError:
+            well_formed = False
+            continue
+        if not isinstance(parsed, dict):
+            well_formed = False
+        elif "error" in parsed:
+            error = True
+    done = bool(fields) and fields[-1].strip() == b"[DONE]"
+    return Inspection(well_formed, error, done)
+
+
+def error_event(message: str, type_: str = "server_error", code: str | None = None) -> bytes:
+    """An OpenAI in-band error event: `data: {"error": {...}}` and an empty line."""
+    err = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"data: " + json.dumps(err).encode() + b"\n\n"

@@ -1,0 +1,36 @@
+"""Fixtures of the router's tests (the harness is router_harness.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from router_harness import KEY, ServerThread, StubControl, stub_app
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Any]]:
+    """Servers a test starts; stopped at its end, last first."""
+    started: list[Any] = []
+    yield started
+    for s in reversed(started):
+        s.stop()
+
+
+@pytest.fixture
+def stubs(servers: list[ServerThread]) -> dict[str, tuple[StubControl, str]]:
+    """Stub OpenAI/OIP tiers by name: (control, base URL)."""
+    out = {}
+    for name in ("small", "medium", "large", "small-b"):
+        ctl = StubControl(name)
+        srv = ServerThread(stub_app(ctl)).start()
+        servers.append(srv)
+        out[name] = (ctl, srv.url)
+    return out
+
+
+@pytest.fixture
+def router_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API keys the harness's routing tables name (`make_config`)."""
+    monkeypatch.setenv("TERRACE_TEST_KEYS", f"other-key,{KEY}")
