@@ -150,30 +150,14 @@ async def attempt(x: Exchange, session: aiohttp.ClientSession, metrics: RouterMe
         out = x.outgoing(tier, check)
         result = await _try_tier(session, tier, out)
         if isinstance(result, Held):
-            head = result.head
-            if x.stream and head.status < 300:
-                return Answer(tier, head.status, head.headers, b"", result)
-            try:
-                body = await head.read()
-            except UpstreamFailure as failure:
-                result.failed(failure)
-                result.finish(False)
-                result = Failure(tier.name, failure.kind)
-            else:
-                result.finish(True)
-                if head.status >= 300:
-                    return Answer(tier, head.status, head.headers, body)
-                verdict, body = x.judge(tier, head, body, out, check)
-                if verdict == SOUND:
-                    return Answer(tier, head.status, head.headers, body)
-                if verdict == UNSURE:
-                    fallback = Answer(tier, head.status, head.headers, body, fallback=True)
-                    x.reasons.append(LOW_CONFIDENCE)
-                    metrics.escalated(LOW_CONFIDENCE)
-                    continue
-                result.pool.failed(result.ep, monotonic())
-                log.warning("tier %s answered a malformed body", tier.name)
-                result = Failure(tier.name, ERROR, detail="")
+            result = await _settle(x, tier, result, out, check)
+        if isinstance(result, Answer):
+            if not result.fallback:
+                return result
+            fallback = result  # unsure: ask the next tier, keep this one in hand
+            x.reasons.append(LOW_CONFIDENCE)
+            metrics.escalated(LOW_CONFIDENCE)
+            continue
         x.failures.append(result)
         reason = _reason(result.kind)
         if nxt is None or not x.decision.escalates(reason, x.state.escalation):
@@ -185,6 +169,37 @@ async def attempt(x: Exchange, session: aiohttp.ClientSession, metrics: RouterMe
     now = monotonic()
     wait = min(x.tiers[i].pool.seconds_until_available(now) for i in order)
     raise no_answer(x.failures, wait)
+
+
+async def _settle(
+    x: Exchange, tier: Tier, held: Held, out: Outgoing, check: bool
+) -> Answer | Failure:
+    """What a held 2xx/4xx head comes to: a stream to relay, a body (judged
+    when 2xx; `fallback` set when unsure), or a failure of the upstream."""
+    head = held.head
+    if x.stream and head.status < 300:
+        if head.headers.get("content-type", "").startswith("text/event-stream"):
+            return Answer(tier, head.status, head.headers, b"", held)
+        # Not a stream: the upstream is broken (or ignored `stream`).
+        held.pool.failed(held.ep, monotonic())
+        held.finish(False)
+        log.warning("tier %s answered a stream request without a stream", tier.name)
+        return Failure(tier.name, ERROR)
+    try:
+        body = await head.read()
+    except UpstreamFailure as failure:
+        held.failed(failure)
+        held.finish(False)
+        return Failure(tier.name, failure.kind)
+    held.finish(True)
+    if head.status >= 300:
+        return Answer(tier, head.status, head.headers, body)
+    verdict, body = x.judge(tier, head, body, out, check)
+    if verdict == MALFORMED:
+        held.pool.failed(held.ep, monotonic())
+        log.warning("tier %s answered a malformed body", tier.name)
+        return Failure(tier.name, ERROR)
+    return Answer(tier, head.status, head.headers, body, fallback=verdict == UNSURE)
 
 
 def _reason(kind: str) -> str:

@@ -4,8 +4,9 @@
 (its 2xx head is in). It forwards whole events only (`sse.py`), and holds
 the endpoint's in-flight slot until the stream ends, however it ends:
 
-- the upstream finishes: the stream is complete (and cached when asked,
-  unless an event in it was an in-band error);
+- the upstream finishes with `data: [DONE]`: the stream is complete (and
+  cached when asked, unless an event in it was an in-band error). One that
+  ends without it, or inside an event, gets the error event below;
 - the upstream breaks off (reset, timeout, truncated, an event that is not
   JSON, an event that never ends): too late to escalate,
   bytes are out. A half-written event is dropped, and the stream ends with
@@ -31,6 +32,7 @@ from .upstream import ERROR, UpstreamFailure
 log = logging.getLogger(__name__)
 
 _MID_STREAM = "The upstream tier failed mid-stream; the answer is incomplete."
+_UNFINISHED = "The upstream tier ended the stream without [DONE]; the answer may be incomplete."
 
 # An event longer than this without its end is a broken upstream, not a big token.
 MAX_EVENT_BYTES = 1 << 20
@@ -77,6 +79,14 @@ class SseRelay:
             body = b"".join(collected) if cacheable and collected is not None else None
             self.on_end(body)
 
+    @staticmethod
+    async def _forward_sound_prefix(send: Send, block: bytes) -> None:
+        """The events of `block` before its first malformed one."""
+        for event in sse.split_events(block):
+            if not sse.inspect(event).well_formed:
+                return
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+
     async def _relay(self, send: Send, collected: list[bytes] | None) -> bool:
         """Forward whole events until the upstream ends; True when what was
         collected is a complete, error-free stream."""
@@ -94,6 +104,7 @@ class SseRelay:
                 block, pending = pending[:end], pending[end:]
                 seen = sse.inspect(block)
                 if not seen.well_formed:
+                    await self._forward_sound_prefix(send, block)
                     raise UpstreamFailure(ERROR, "an event whose data is not JSON")
                 clean = clean and not seen.carries_error
                 done = seen.ends_done
@@ -107,7 +118,10 @@ class SseRelay:
             await send({"type": "http.response.body", "body": event, "more_body": True})
             return False
         self.complete = True
-        if pending:  # an unterminated last event: relayed as it came (parsers drop it)
-            await send({"type": "http.response.body", "body": pending, "more_body": True})
+        if pending.strip() or not done:
+            # An unterminated last event, or no `[DONE]`: the answer may be cut short.
+            log.warning("tier %s ended a stream without [DONE]", self.tier_name)
+            event = sse.error_event(_UNFINISHED)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
             return False
-        return collected is not None and clean and done
+        return collected is not None and clean

@@ -29,6 +29,16 @@ def complete_prefix(buffer: bytes) -> int:
     return end
 
 
+def split_events(block: bytes) -> list[bytes]:
+    """The events of a block of whole events, each with its terminator."""
+    out = []
+    start = 0
+    for match in _EVENT_END.finditer(block):
+        out.append(block[start : match.end()])
+        start = match.end()
+    return out
+
+
 def data_fields(block: bytes) -> list[bytes]:
     """The `data` of each event in a block of whole events (multi-line data
     joined with LF, as a parser would), events without data left out."""

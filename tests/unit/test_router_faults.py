@@ -1,0 +1,308 @@
+"""The router's fault matrix, on real sockets: for each way an upstream can
+fail, the client-visible result docs/router.md promises, for OpenAI unary,
+OpenAI streaming and OIP v2 requests pinned to the failing tier (nowhere to
+escalate) and for `auto` requests (escalated to a healthy tier).
+
+Every case also checks that nothing is lost or doubled: the failing upstream
+read the request at most once, the client got an answer or an error in its
+protocol's shape (parseable, no traceback), and no in-flight slot leaked.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+from router_harness import (
+    EASY,
+    KEY,
+    RawTier,
+    make_config,
+    read_request,
+    samples,
+    serve_router,
+)
+
+pytestmark = pytest.mark.usefixtures("router_keys")
+
+AUTH = {"authorization": f"Bearer {KEY}"}
+CHAT = {"model": "small", "messages": [{"role": "user", "content": EASY}]}
+TENSOR = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+READ_TIMEOUT = 0.5
+
+
+def _respond(conn: socket.socket, status: str, headers: dict[str, str], body: bytes) -> None:
+    head = f"HTTP/1.1 {status}\r\ncontent-length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    conn.sendall(head.encode() + b"\r\n" + body)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a crashed process's kernel does."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def _chunked_sse(conn: socket.socket, payload: bytes) -> None:
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        + f"{len(payload):x}\r\n".encode()
+        + payload
+        + b"\r\n"
+    )
+
+
+_JSON = {"content-type": "application/json"}
+_GOOD_EVENT = (
+    b'data: {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "small", '
+    b'"choices": [{"index": 0, "delta": {"content": "partial"}, "finish_reason": null}]}\n\n'
+)
+
+
+class Upstream:
+    """A raw tier that fails one way, counting the requests it read."""
+
+    def __init__(self, fault: str) -> None:
+        self.fault = fault
+        self.reads = 0
+        self.client_left = threading.Event()  # the router closed the connection on us
+        self.raw = RawTier(self._handle)
+
+    def _handle(self, conn: socket.socket, n: int) -> None:
+        if self.fault == "reset-before-read":
+            _reset(conn)
+            return
+        while read_request(conn) is not None:
+            self.reads += 1
+            behave = getattr(self, "_" + self.fault.replace("-", "_"))
+            if behave(conn) == "closed":
+                return
+
+    def _reset_after_read(self, conn: socket.socket) -> str:
+        _reset(conn)
+        return "closed"
+
+    def _slow_headers(self, conn: socket.socket) -> str:
+        time.sleep(READ_TIMEOUT * 4)
+        return "closed"
+
+    def _http_500(self, conn: socket.socket) -> None:
+        body = {"error": {"message": "kaboom: CUDA error", "type": "server_error"}}
+        _respond(conn, "500 Internal Server Error", _JSON, json.dumps(body).encode())
+
+    def _http_429(self, conn: socket.socket) -> None:
+        body = {"error": {"message": "queue full", "type": "rate_limit_error"}}
+        _respond(
+            conn, "429 Too Many Requests", {**_JSON, "retry-after": "7"}, json.dumps(body).encode()
+        )
+
+    def _http_503(self, conn: socket.socket) -> None:
+        _respond(
+            conn,
+            "503 Service Unavailable",
+            {**_JSON, "retry-after": "5"},
+            b'{"error": "loading model"}',
+        )
+
+    def _malformed_json(self, conn: socket.socket) -> None:
+        _respond(conn, "200 OK", _JSON, b'{"choices": [')
+
+    def _malformed_sse(self, conn: socket.socket) -> str:
+        _chunked_sse(conn, _GOOD_EVENT + b"data: {not json\n\n")
+        time.sleep(0.3)
+        return "closed"
+
+    def _death_mid_event(self, conn: socket.socket) -> str:
+        _chunked_sse(conn, _GOOD_EVENT)
+        time.sleep(0.3)  # the whole event arrives on its own
+        conn.sendall(b'20\r\ndata: {"id": "c", "object": "ch')
+        time.sleep(0.3)
+        return "closed"
+
+    def _hang(self, conn: socket.socket) -> str:
+        # Never answers; notices when the router gives the connection up.
+        conn.settimeout(10)
+        try:
+            if conn.recv(1) == b"":
+                self.client_left.set()
+        except (TimeoutError, OSError):
+            self.client_left.set()
+        return "closed"
+
+
+# fault -> (pinned status, OpenAI error code, words the message must carry)
+UNARY = {
+    "refused": (503, "service_unavailable", "has no reachable endpoint"),
+    # Reset before reading: if the reset beat the write, the request provably
+    # never went out (503, like a refused connection); else 502.
+    "reset-before-read": (502, "bad_gateway", "tier"),
+    "reset-after-read": (502, "bad_gateway", "failed"),
+    "slow-headers": (504, "upstream_timeout", "timed out"),
+    "http-500": (500, "upstream_error", "answered 500 (kaboom: CUDA error)"),
+    "http-429": (429, "rate_limit_exceeded", "answered 429 (queue full)"),
+    "http-503": (503, "service_unavailable", "answered 503 (loading model)"),
+    "malformed-json": (502, "bad_gateway", "failed"),
+}
+STREAM_ONLY = ("malformed-sse", "death-mid-event")
+
+
+@pytest.fixture
+def faulty(request: pytest.FixtureRequest, stubs, servers) -> Callable[[str], tuple[str, Upstream]]:
+    """Start a router whose `small` tier (and OIP v2 tier `tensor`) is a raw
+    upstream failing one way, and whose `large` tier is a healthy stub."""
+
+    def start(fault: str, read_timeout: float = READ_TIMEOUT) -> tuple[str, Upstream]:
+        up = Upstream(fault)
+        if fault == "refused":
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening
+        else:
+            servers.append(up.raw.start())
+            endpoint = up.raw.url
+        cfg = make_config(stubs, thresholds=[2.0])
+        small = cfg["tiers"][0]
+        small.update(endpoints=[endpoint], readTimeoutSeconds=read_timeout, ejectAfterFailures=100)
+        cfg["tiers"].append(
+            {
+                "name": "tensor",
+                "endpoints": [endpoint],
+                "protocol": "v2",
+                "readTimeoutSeconds": read_timeout,
+            }
+        )
+        return serve_router(servers, cfg), up
+
+    return start
+
+
+def _no_leak(url: str) -> None:
+    deadline = time.monotonic() + 5
+    while any(samples(url, "terrace_router_inflight").values()):
+        assert time.monotonic() < deadline, "an in-flight slot leaked"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", list(UNARY))
+def test_unary_pinned(faulty, fault):
+    url, up = faulty(fault)
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30)
+    status, code, words = UNARY[fault]
+    if fault == "reset-before-read" and r.status_code == 503:
+        status, code = 503, "service_unavailable"
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code
+    assert words in err["message"] and "Traceback" not in r.text
+    if fault == "http-429":
+        assert r.headers["retry-after"] == "7"
+    if fault in ("http-503", "refused"):
+        assert int(r.headers["retry-after"]) >= 1
+    if fault == "http-503":
+        assert r.headers["retry-after"] == "5"
+    assert up.reads <= 1
+    _no_leak(url)
+
+
+@pytest.mark.parametrize("fault", list(UNARY))
+def test_v2_pinned(faulty, fault):
+    url, up = faulty(fault)
+    r = httpx.post(url + "/v2/models/tensor/infer", headers=AUTH, json=TENSOR, timeout=30)
+    status, _, words = UNARY[fault]
+    if fault == "reset-before-read":
+        status = r.status_code if r.status_code in (502, 503) else status
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str)
+    assert words in body["error"] and "Traceback" not in r.text
+    assert up.reads <= 1
+    _no_leak(url)
+
+
+@pytest.mark.parametrize("fault", [*UNARY, *STREAM_ONLY])
+def test_streaming_pinned(faulty, fault):
+    url, up = faulty(fault)
+    c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    texts: list[str] = []
+    with pytest.raises(openai.APIError) as exc:  # never a JSONDecodeError
+        for chunk in c.chat.completions.create(**CHAT, stream=True):
+            texts.append(chunk.choices[0].delta.content or "")
+    if fault in STREAM_ONLY:
+        # Settled on the tier: the whole events came through, then an in-band error.
+        assert texts == ["partial"]
+        assert "mid-stream" in str(exc.value.message)
+    else:
+        assert isinstance(exc.value, openai.APIStatusError)
+        expected = {UNARY[fault][0]} | ({503} if fault == "reset-before-read" else set())
+        assert exc.value.status_code in expected
+    assert up.reads <= 1
+    _no_leak(url)
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream"),
+    [(f, False) for f in UNARY] + [(f, True) for f in (*UNARY, *STREAM_ONLY)],
+)
+def test_auto_requests_escalate_and_are_answered_once(faulty, stubs, fault, stream):
+    url, up = faulty(fault)
+    c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    body = {**CHAT, "model": "auto"}
+    if fault in STREAM_ONLY:
+        with pytest.raises(openai.APIError):  # settled on small before the break
+            list(c.chat.completions.create(**body, stream=True))
+        assert stubs["large"][0].requests == []
+    elif stream:
+        with c.chat.completions.with_streaming_response.create(**body, stream=True) as raw:
+            assert raw.headers["x-terrace-tier"] == "large"
+            text = "".join(ch.choices[0].delta.content or "" for ch in raw.parse())
+        assert text == "answer from large"
+        assert len(stubs["large"][0].requests) == 1
+    else:
+        raw = c.chat.completions.with_raw_response.create(**body)
+        assert raw.headers["x-terrace-tier"] == "large" and raw.headers["x-terrace-escalated"]
+        assert raw.parse().choices[0].message.content == "answer from large"
+        assert len(stubs["large"][0].requests) == 1
+    assert up.reads <= 1
+    _no_leak(url)
+
+
+@pytest.mark.parametrize("kind", ["unary", "stream", "v2"])
+def test_a_client_that_leaves_stops_the_upstream(faulty, kind):
+    url, up = faulty("hang", read_timeout=30)
+    if kind == "v2":
+        path, body = "/v2/models/tensor/infer", TENSOR
+    else:
+        path, body = "/v1/chat/completions", {**CHAT, "stream": kind == "stream"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + path, headers=AUTH, json=body, timeout=httpx.Timeout(5, read=0.5))
+    assert up.client_left.wait(5), "the router kept the upstream working for nobody"
+    assert up.reads == 1
+    _no_leak(url)
+    left = samples(url, "terrace_router_requests_total")
+    assert any(dict(k).get("status") == "499" for k in left), left
+
+
+def test_request_errors_never_eject_a_tier_that_serves_others(stubs, servers):
+    """LiteLLM's cooldown bug: caller-controlled failures took a healthy
+    deployment out of service. Here 500s caused by bad requests, between
+    good answers, never eject the endpoint."""
+    small = stubs["small"][0]
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["ejectAfterFailures"] = 2
+    url = serve_router(servers, cfg)
+    c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    assert c.chat.completions.with_raw_response.create(**CHAT).headers["x-terrace-tier"] == "small"
+    small.mode = "fail"  # answers 500 to what follows, as to a poisoned request
+    for _ in range(5):
+        with pytest.raises(openai.InternalServerError):
+            c.chat.completions.create(**CHAT)
+    small.mode = "ok"
+    raw = c.chat.completions.with_raw_response.create(**{**CHAT, "model": "auto"})
+    assert raw.headers["x-terrace-tier"] == "small" and "x-terrace-escalated" not in raw.headers
