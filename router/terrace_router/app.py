@@ -26,6 +26,7 @@ from .config import RouterConfig, load
 from .errors import RouterError, internal, model_not_found
 from .metrics import RouterMetrics
 from .oip import OipProxy, ready_response
+from .openapi import document
 from .proxy import Proxy
 from .reload import ConfigWatcher, StateHolder
 from .state import RouterState
@@ -137,6 +138,11 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    openapi = JSONResponse(document(VERSION))
+
+    async def openapi_endpoint(request: Request) -> Response:
+        return openapi
+
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
@@ -163,6 +169,7 @@ def create_app(
         Route("/v2/models/{name}/versions/{version}/infer", v2_model, methods=["POST"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
     app = Starlette(

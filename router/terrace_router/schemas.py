@@ -9,7 +9,7 @@ does (`messages.[0].role`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,6 +27,15 @@ class ChatMessage(_Open):
     content: str | list[dict[str, Any]] | None = None
 
 
+# OpenAI's bounds: at most 4 stop sequences; a seed is a 64-bit integer.
+_Stops = str | Annotated[list[str], Field(max_length=4)]
+_INT64 = 2**63
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
 class _Sampling(_Open):
     model: str = Field(min_length=1)
     stream: bool = False
@@ -36,9 +45,11 @@ class _Sampling(_Open):
     max_tokens: int | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream_options: dict[str, Any] | None = None
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
+    stop: _Stops | None = None
+    seed: int | None = Field(default=None, ge=-_INT64, lt=_INT64)
+    user: str | None = None
+    stream_options: StreamOptions | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -50,9 +61,10 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    suffix: str | None = None
 
 
 _MODELS: dict[str, type[_Sampling]] = {
@@ -77,6 +89,12 @@ def validate(kind: str, payload: Any) -> None:
         raise bad_request(
             f"Invalid value for '{param}': {err['msg']}.", param, "invalid_value"
         ) from None
+    if payload.get("stream_options") is not None and payload.get("stream") is not True:
+        raise bad_request(
+            "Invalid value for 'stream_options': only allowed when 'stream' is true.",
+            "stream_options",
+            "invalid_value",
+        )
 
 
 def param_name(payload: Any, loc: tuple[Any, ...]) -> str:

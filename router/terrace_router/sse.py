@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# A line terminator followed by an empty line's terminator.
-_EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+# A line terminator followed by an empty line's terminator. A CR right before
+# an LF is the CRLF pair, never a line end of its own (so a chunk ending in
+# CRLF is not taken for the end of an event).
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 _LINE = re.compile(rb"\r\n|\r|\n")
 
 

@@ -50,6 +50,7 @@ class StubControl:
     delay: float = 0.0
     logprob: float = -0.05  # per sampled token, when logprobs are asked for
     token_delay: float = 0.0  # between streamed tokens
+    stream_error: bool = False  # end streams with an in-band error event
     streams_completed: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
     inflight: int = 0
@@ -145,6 +146,8 @@ def stub_app(ctl: StubControl) -> Starlette:
                 "choices": [choice],
             }
             yield f"data: {json.dumps(chunk)}\n\n"
+        if ctl.stream_error:
+            yield 'data: {"error": {"message": "out of memory", "type": "server_error"}}\n\n'
         yield "data: [DONE]\n\n"
         ctl.streams_completed += 1
 

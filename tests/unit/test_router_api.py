@@ -603,6 +603,145 @@ def test_streamed_answers_are_cached_when_configured(stubs, servers):
     assert len(stubs["small"][0].requests) == 1
 
 
+def test_the_cache_keys_on_stream_options_and_skips_streams_with_errors(stubs, servers):
+    cfg = make_config(
+        stubs,
+        thresholds=[2.0],
+        cache={"ttlSeconds": 60, "maxEntries": 10, "includeStreaming": True},
+    )
+    url = serve_router(servers, cfg)
+    base = {"model": "auto", "stream": True, "temperature": 0}
+    base["messages"] = [{"role": "user", "content": EASY}]
+
+    def stream(**extra: Any) -> tuple[str, bytes]:
+        with httpx.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={**base, **extra},
+        ) as r:
+            return r.headers["x-terrace-cache"], r.read()
+
+    with_usage = stream(stream_options={"include_usage": True})
+    without = stream()
+    # A different stream_options is a different answer: never replayed across.
+    assert (with_usage[0], without[0]) == ("miss", "miss")
+    assert stream(stream_options={"include_usage": True})[0] == "hit"
+    assert stream()[0] == "hit"
+    # A stream that ended with an in-band error is never stored.
+    stubs["small"][0].stream_error = True
+    assert stream(seed=7)[0] == "miss"
+    stubs["small"][0].stream_error = False
+    marks = stream(seed=7)
+    assert marks[0] == "miss" and b'"error"' not in marks[1]
+
+
+def test_explicit_nulls_mean_the_defaults(stubs, servers):
+    cfg = make_config(stubs, thresholds=[2.0], escalation={"onLowConfidence": False})
+    url = serve_router(servers, cfg)
+    optional = [
+        "temperature",
+        "top_p",
+        "n",
+        "max_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "stop",
+        "seed",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        "user",
+        "max_completion_tokens",
+        "logit_bias",
+        "tools",
+        "response_format",
+    ]
+    messages = [{"role": "user", "content": EASY}]
+    for field in optional:
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={"model": "auto", "messages": messages, field: None},
+        )
+        assert r.status_code == 200, (field, r.text)
+        assert field not in stubs["small"][0].requests[-1]  # forwarded as if absent
+    for field in ["max_tokens", "echo", "logprobs", "suffix", "best_of", "stop", "seed"]:
+        r = httpx.post(
+            url + "/v1/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={"model": "auto", "prompt": "Hello", field: None},
+        )
+        assert r.status_code == 200, (field, r.text)
+        assert field not in stubs["small"][0].requests[-1]
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [
+        ("chat", "seed", 2**64),
+        ("chat", "stop", ["a", "b", "c", "d", "e"]),
+        ("chat", "stream_options", {"include_usage": True}),  # without stream
+        ("chat", "stream_options", {"include_usage": "yes"}),
+        ("chat", "logit_bias", {"50256": 101}),
+        ("chat", "user", 7),
+        ("chat", "stream", "true"),
+        ("chat", "n", 0),
+        ("completions", "logprobs", 6),
+        ("completions", "logprobs", True),
+        ("completions", "max_tokens", "3"),
+        ("completions", "echo", 1),
+        ("completions", "best_of", 0),
+    ],
+)
+def test_bad_parameters_are_400s_naming_them_and_never_reach_a_tier(
+    stubs, servers, kind, field, value
+):
+    url = serve_router(servers, make_config(stubs, thresholds=[2.0]))
+    body: dict[str, Any] = {"model": "auto", field: value}
+    if kind == "chat":
+        body["messages"] = [{"role": "user", "content": EASY}]
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = "Hello"
+        path = "/v1/completions"
+    r = httpx.post(url + path, headers={"authorization": f"Bearer {KEY}"}, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"].startswith(field) and err["type"] == "invalid_request_error"
+    assert stubs["small"][0].requests == [] and stubs["large"][0].requests == []
+
+
+def test_non_json_numbers_and_unknown_paths_get_each_protocols_error(stubs, servers):
+    cfg = make_config(stubs)
+    url = serve_router(servers, cfg)
+    auth = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    body = b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "x": NaN}'
+    r = httpx.post(url + "/v1/chat/completions", content=body, headers=auth)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert stubs["small"][0].requests == [] and stubs["large"][0].requests == []
+    r = httpx.get(url + "/v2/models/x/nonsense", headers=auth)
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)
+    r = httpx.delete(url + "/v2/health/live")
+    assert r.status_code == 405 and isinstance(r.json()["error"], str)
+    r = httpx.get(url + "/v1/nonsense", headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_a_401_drains_a_large_body_so_the_client_reads_it(stubs, servers):
+    url = serve_router(servers, make_config(stubs))
+    big = b"x" * (3 * 1024 * 1024)
+    for _ in range(3):  # a reset would show up as a transport error on some tries
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            content=big,
+            headers={"authorization": "Bearer wrong", "content-type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
 # -- security and input -------------------------------------------------------
 
 
