@@ -1,14 +1,16 @@
 """Small HTTP helpers shared by the protocol modules: JSON bodies, error
-shapes, and per-endpoint request metrics (streams are timed to their end)."""
+shapes, per-endpoint request metrics (streams are timed to their end), and
+cancelling a handler's work when its client disconnects."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from .state import RuntimeState
@@ -28,8 +30,11 @@ try:  # orjson parses and writes tensors several times faster; optional
     DECODE_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError)
 except ImportError:  # pragma: no cover - depends on the environment
 
+    def _no_constant(name: str) -> Any:
+        raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
     def loads(raw: bytes) -> Any:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant)  # NaN and Infinity are not JSON
 
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
@@ -37,17 +42,38 @@ except ImportError:  # pragma: no cover - depends on the environment
     DECODE_ERRORS = (json.JSONDecodeError, UnicodeDecodeError)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
 class BadBody(ValueError):
-    pass
+    """The body is not JSON (HTTP 400)."""
+
+    status = 400
 
 
-async def json_body(request: Request, limit: int = 64 << 20) -> Any:
+class BodyTooLarge(BadBody):
+    """The body is over the limit (HTTP 413)."""
+
+    status = 413
+
+
+MAX_BODY_BYTES = 64 << 20
+
+
+async def json_body(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
+    """The request's JSON body (orjson: no NaN or Infinity literals). Raises
+    BodyTooLarge over `limit` bytes, BadBody when it is not JSON, ClientGone
+    when the client leaves while sending it."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise BadBody(f"request body over {limit} bytes")
-    raw = await request.body()
+        raise BodyTooLarge(f"request body over {limit} bytes")
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ClientGone from None
     if len(raw) > limit:
-        raise BadBody(f"request body over {limit} bytes")
+        raise BodyTooLarge(f"request body over {limit} bytes")
     try:
         return loads(raw)
     except DECODE_ERRORS as exc:
@@ -58,8 +84,45 @@ def state_of(request: Request) -> RuntimeState:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
+# nginx's "client closed request": what the metrics record for an answer
+# nobody was left to receive.
+CLIENT_CLOSED = 499
+
+T = TypeVar("T")
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass  # an empty trailing body message
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`await work`, unless the client disconnects first: then `work` is
+    cancelled (and has finished cleaning up) and ClientGone is raised.
+
+    Call it only once the body has been read: it reads the ASGI receive
+    channel, where nothing but `http.disconnect` is left to come. Starlette
+    does not cancel a plain handler whose client left; streams are watched
+    by StreamingResponse itself."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler itself was cancelled: so is its work
+        job.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if job.done():
+        return job.result()
+    job.cancel()
+    await asyncio.gather(job, return_exceptions=True)  # its cleanup (cancelling sequences) ran
+    raise ClientGone
+
+
 def instrumented(endpoint: str, handler: Handler) -> Handler:
-    """Count and time every answer of `handler` by status."""
+    """Count and time every answer of `handler` by status; an answer whose
+    client left first (ClientGone) counts once, as 499, and is not sent."""
 
     async def wrapped(request: Request) -> Response:
         state = state_of(request)
@@ -68,6 +131,9 @@ def instrumented(endpoint: str, handler: Handler) -> Handler:
         m.child(m.inflight).inc()
         try:
             response = await handler(request)
+        except ClientGone:
+            _done(state, endpoint, started, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
         except BaseException:
             m.child(m.inflight).dec()
             m.child(m.requests, endpoint, "500").inc()

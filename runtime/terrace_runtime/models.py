@@ -21,7 +21,14 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from .tensors import OIP_TO_NUMPY, ONNX_TO_OIP, TensorSpec, onnx_dim
+from .tensors import (
+    OIP_TO_NUMPY,
+    ONNX_TO_OIP,
+    InvalidRequest,
+    TensorSpec,
+    bytes_tensor,
+    onnx_dim,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +153,31 @@ class OnnxBackend:
     def run(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
     ) -> dict[str, np.ndarray]:
-        results = self.session.run(list(outputs), dict(inputs))
-        return dict(zip(outputs, results, strict=True))
+        feeds = {n: _onnx_strings(n, a) if a.dtype == object else a for n, a in inputs.items()}
+        results = self.session.run(list(outputs), feeds)
+        return {
+            n: bytes_tensor((s.encode() for s in r.ravel()), r.shape) if r.dtype == object else r
+            for n, r in zip(outputs, results, strict=True)
+        }
 
     def close(self) -> None:
         del self.session
+
+
+def _onnx_strings(name: str, array: np.ndarray) -> np.ndarray:
+    """A BYTES input (bytes elements) as onnxruntime takes strings: str elements.
+    onnxruntime would str() a bytes element ("b'a'") and decodes every string
+    output as UTF-8, so ONNX string tensors carry UTF-8 text only."""
+    text = []
+    for index, value in enumerate(array.ravel()):
+        try:
+            text.append(value.decode())
+        except UnicodeDecodeError:
+            raise InvalidRequest(
+                f"input {name!r}: element {index} is not valid UTF-8, and ONNX string "
+                "tensors hold UTF-8 text"
+            ) from None
+    return np.array(text, dtype=object).reshape(array.shape)
 
 
 def _onnx_type(type_str: str) -> str:

@@ -1,9 +1,14 @@
 """OpenAI-compatible text generation: /v1/completions, /v1/chat/completions
-(streaming as server-sent events ending `data: [DONE]`), /v1/models.
+(streaming as server-sent events ending `data: [DONE]`), /v1/models and
+/v1/models/{model}.
 
-Logprobs are the model's own distribution (before temperature and top-p), so
-the router can judge how sure the cheap tier was. Errors use OpenAI's
-envelope `{"error": {"message", "type", "param", "code"}}`.
+Request bodies are validated by `openai_requests` (null is the default,
+strict types, unknown fields refused). Logprobs are the model's own
+distribution (before temperature and top-p), so the router can judge how
+sure the cheap tier was. Errors use OpenAI's envelope
+`{"error": {"message", "type", "param", "code"}}`. A client that disconnects
+cancels its sequences: a stream when StreamingResponse sees it leave, any
+other request while it waits for its answer (`http.unless_client_leaves`).
 """
 
 from __future__ import annotations
@@ -14,9 +19,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -32,85 +36,20 @@ from .generation import (
     Tokenizer,
 )
 from .hf_tokenizer import ChatTemplateError
-from .http import BadBody, dumps, instrumented, json_body, json_response, state_of
+from .http import (
+    BadBody,
+    dumps,
+    instrumented,
+    json_body,
+    json_response,
+    state_of,
+    unless_client_leaves,
+)
+from .openai_requests import ChatRequest, CompletionRequest, InvalidRequest, Message, parse
 from .state import RuntimeState
 
-# --- requests -----------------------------------------------------------
-
-
-class _Request(BaseModel):
-    # Clients send many fields we do not use (user, presence_penalty, ...): ignore them.
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False  # vLLM's extension, for benchmarks: run to max_tokens
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return v
-
-    def stop_bytes(self) -> tuple[bytes, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return tuple(s.encode("utf-8") for s in stops)
-
-    @property
-    def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise ValueError(f"content part type {part.type!r} is not supported (text only)")
-            parts.append(part.text)
-        return "".join(parts)
-
-
-class ChatRequest(_Request):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-
-
 CHAT_DEFAULT_MAX_TOKENS = 256
+R = TypeVar("R", CompletionRequest, ChatRequest)
 
 
 def render_chat(tok: Tokenizer, messages: list[Message]) -> str:
@@ -125,7 +64,20 @@ def render_chat(tok: Tokenizer, messages: list[Message]) -> str:
 # --- errors -------------------------------------------------------------
 
 
+def error_envelope(
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 class APIError(Exception):
+    """An OpenAI error answer: HTTP `status`, the envelope's fields, the
+    `kind` counted in terrace_runtime_errors_total, and extra headers."""
+
     def __init__(
         self,
         status: int,
@@ -148,20 +100,7 @@ class APIError(Exception):
         self.kind, self.headers = kind, headers
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def _from_validation(exc: ValidationError) -> APIError:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+        return error_envelope(self.message, self.type, self.param, self.code)
 
 
 def _error_response(state: RuntimeState, err: APIError) -> Response:
@@ -199,15 +138,19 @@ class _Choice:
         return delta
 
 
+def _model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{model}` does not exist.",
+        param="model",
+        code="model_not_found",
+        kind="not_found",
+    )
+
+
 def _check_model(state: RuntimeState, model: str) -> GenerationEngine:
     if model != state.name:
-        raise APIError(
-            404,
-            f"The model `{model}` does not exist.",
-            param="model",
-            code="model_not_found",
-            kind="not_found",
-        )
+        raise _model_not_found(model)
     if not state.ready:
         raise APIError(
             503,
@@ -342,10 +285,19 @@ def _shown(tok: Tokenizer, event: TokenEvent) -> str:
 def completion_logprobs(
     tok: Tokenizer, events: list[TokenEvent], offsets: list[int]
 ) -> dict[str, Any]:
+    """The legacy shape. Each `top_logprobs` dict holds the `logprobs` most
+    likely tokens and, as in OpenAI and vLLM, always the sampled one (so
+    `logprobs: 0` gives just the sampled token's entry)."""
+
+    def top(e: TokenEvent) -> dict[str, float]:
+        alternatives = {tok.token_text(t): lp for t, lp in e.top}
+        alternatives.setdefault(tok.token_text(e.token_id), e.logprob)
+        return alternatives
+
     return {
         "tokens": [_shown(tok, e) for e in events],
         "token_logprobs": [e.logprob for e in events],
-        "top_logprobs": [{tok.token_text(t): lp for t, lp in e.top} for e in events],
+        "top_logprobs": [top(e) for e in events],
         "text_offset": offsets,
     }
 
@@ -370,36 +322,33 @@ def chat_logprobs(tok: Tokenizer, events: list[TokenEvent]) -> dict[str, Any]:
 # --- handlers -------------------------------------------------------------
 
 
-async def _parse(request: Request, model_cls: type[BaseModel]) -> Any:
+async def _parse(request: Request, model_cls: type[R]) -> R:
     try:
-        return model_cls.model_validate(await json_body(request))
+        return parse(model_cls, await json_body(request))
     except BadBody as exc:
-        raise APIError(400, str(exc)) from None
-    except ValidationError as exc:
-        raise _from_validation(exc) from None
+        raise APIError(exc.status, str(exc)) from None
+    except InvalidRequest as exc:
+        raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
 
 
 def _prompts(req: CompletionRequest, tok: Tokenizer) -> tuple[list[str | None], list[list[int]]]:
-    p: Any = req.prompt
+    """Each prompt's text (None for token ids) and token ids."""
+    p = req.prompt
     if isinstance(p, str):
-        texts: list[str | None] = [p]
-    elif p and all(isinstance(x, str) for x in p):
-        texts = list(p)
-    elif p and all(isinstance(x, int) for x in p):
-        return [None], [_ids(p, tok)]
-    elif p and all(isinstance(x, list) for x in p):
-        return [None] * len(p), [_ids(x, tok) for x in p]
-    else:
-        raise APIError(
-            400, "prompt must be a string, a list of strings or token ids", param="prompt"
-        )
-    return texts, [tok.encode(t) for t in texts if t is not None]
+        return [p], [tok.encode(p)]
+    if isinstance(p[0], str):
+        texts = cast(list[str], p)
+        return list(texts), [tok.encode(t) for t in texts]
+    if isinstance(p[0], int):
+        return [None], [_ids(cast(list[int], p), tok, "prompt")]
+    nested = cast(list[list[int]], p)
+    return [None] * len(nested), [_ids(x, tok, f"prompt.[{i}]") for i, x in enumerate(nested)]
 
 
-def _ids(ids: list[int], tok: Tokenizer) -> list[int]:
+def _ids(ids: list[int], tok: Tokenizer, param: str) -> list[int]:
     """Token-id prompts get the beginning-of-sequence token the model expects."""
     if any(not 0 <= i < tok.vocab_size for i in ids):
-        raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param="prompt")
+        raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param=param)
     bos = tok.encode("")
     return ids if not bos or ids[:1] == bos[:1] else [*bos[:1], *ids]
 
@@ -412,7 +361,7 @@ def _max_tokens(state: RuntimeState, value: int | None, param: str, default: int
     limit = state.settings.max_tokens_limit
     value = value if value is not None else min(default, limit)
     if value > limit:
-        raise APIError(400, f"max_tokens must be at most {limit}", param=param)
+        raise APIError(400, f"{param} must be at most {limit}", param=param)
     return value
 
 
@@ -423,8 +372,6 @@ async def completions(request: Request) -> Response:
         engine = _check_model(state, req.model)
         tok = engine.tokenizer
         texts, prompts = _prompts(req, tok)
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported", param="echo")
         params = SamplingParams(
             max_tokens=_max_tokens(
                 state, req.max_tokens, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS
@@ -494,7 +441,7 @@ async def completions(request: Request) -> Response:
 
         return _sse_response(stream())
 
-    failed = await _collect(engine, choices, state)
+    failed = await unless_client_leaves(request, _collect(engine, choices, state))
     if failed is not None:
         return failed
     return json_response(
@@ -527,8 +474,6 @@ async def chat_completions(request: Request) -> Response:
         tok = engine.tokenizer
         prompt = tok.encode(render_chat(tok, req.messages))
         top = req.top_logprobs if req.top_logprobs is not None else 0
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         params = SamplingParams(
@@ -614,7 +559,7 @@ async def chat_completions(request: Request) -> Response:
 
         return _sse_response(stream())
 
-    failed = await _collect(engine, choices, state)
+    failed = await unless_client_leaves(request, _collect(engine, choices, state))
     if failed is not None:
         return failed
     return json_response(
@@ -638,26 +583,26 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
+def _model_object(state: RuntimeState) -> dict[str, Any]:
+    return {"id": state.name, "object": "model", "created": state.created, "owned_by": "terrace"}
+
+
 async def list_models(request: Request) -> Response:
+    return json_response({"object": "list", "data": [_model_object(state_of(request))]})
+
+
+async def retrieve_model(request: Request) -> Response:
     state = state_of(request)
-    return json_response(
-        {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.name,
-                    "object": "model",
-                    "created": state.created,
-                    "owned_by": "terrace",
-                }
-            ],
-        }
-    )
+    model = request.path_params["model"]
+    if model != state.name:
+        return _error_response(state, _model_not_found(model))
+    return json_response(_model_object(state))
 
 
 def routes() -> list[Route]:
     return [
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/completions", instrumented("completions", completions), methods=["POST"]),
         Route(
             "/v1/chat/completions",
@@ -675,14 +620,21 @@ def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
-async def _collect(engine, choices, state) -> Response | None:
-    """Run every choice to its end; an error response if generation failed, else None."""
+async def _collect(
+    engine: GenerationEngine, choices: list[_Choice], state: RuntimeState
+) -> Response | None:
+    """Run every choice to its end; an error response if generation failed, else None.
+    Cancelling it cancels the choices' sequences."""
     try:
         async for c, event in _merged(engine, choices):
             if isinstance(event, TokenEvent):
                 c.add(event, engine.tokenizer)
             else:
                 c.close(event)
+    except BatcherClosed as exc:
+        return _error_response(
+            state, APIError(503, str(exc), type_="server_error", kind="not_ready")
+        )
     except Exception as exc:
         return _error_response(
             state,

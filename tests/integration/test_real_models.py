@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ import pytest
 import uvicorn
 from localproc import ServerProcess as Proc
 from localproc import free_port
+from prometheus_client.parser import text_string_to_metric_families
 from terrace_router.app import create_app
 from terrace_router.config import RouterConfig
 
@@ -270,6 +272,48 @@ def test_client_disconnect_stops_generation(servers):
     before = p.metric("terrace_runtime_tokens_generated_total")
     time.sleep(1.5)
     assert p.metric("terrace_runtime_tokens_generated_total") == before
+
+
+def _answers_with_status(p: Proc, status: str) -> float:
+    text = httpx.get(p.url + "/metrics", timeout=5).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "terrace_runtime_requests_total" and s.labels.get("status") == status
+    )
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torch"])
+def test_client_disconnect_stops_non_streaming_generation(servers, kind):
+    """A client that leaves a plain (not streamed) completion, nothing sent
+    yet, cancels it too: the token count stops well short of max_tokens and
+    the request is counted once, as 499 (client closed request)."""
+    p = servers[kind]
+    body = json.dumps(
+        {"model": MODEL[kind], "prompt": "Once", "max_tokens": 4000, "ignore_eos": True}
+    ).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    closed, served = _answers_with_status(p, "499"), _answers_with_status(p, "200")
+    tokens0 = p.metric("terrace_runtime_tokens_generated_total")
+    with socket.create_connection(("127.0.0.1", p.port)) as conn:
+        conn.sendall(head + body)
+        deadline = time.monotonic() + 60
+        while p.metric("terrace_runtime_tokens_generated_total") - tokens0 < 8:
+            assert time.monotonic() < deadline, "generation never started"
+            time.sleep(0.2)
+        time.sleep(0.5)
+    time.sleep(1.0)
+    before = p.metric("terrace_runtime_tokens_generated_total")
+    time.sleep(1.5)
+    assert p.metric("terrace_runtime_tokens_generated_total") == before
+    assert before - tokens0 < 1000
+    assert _answers_with_status(p, "499") == closed + 1
+    assert _answers_with_status(p, "200") == served
+    assert p.metric("terrace_runtime_inflight_requests") == 0
 
 
 def test_runtime_counts_tokens_and_joules_for_energy_per_token(servers):

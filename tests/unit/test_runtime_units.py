@@ -39,8 +39,8 @@ from terrace_runtime.settings import ServeSettings
 from terrace_runtime.tensors import (
     InvalidRequest,
     TensorSpec,
-    check_outputs,
     decode_inputs,
+    decode_outputs,
     encode_output,
 )
 from terrace_runtime.uris import ModelURIError, parse_model_uri, resolve_model_uri
@@ -197,19 +197,17 @@ def _item(name: str, datatype: str, shape: list[int], data: object) -> dict[str,
 
 
 def test_decode_valid_request() -> None:
-    arrays, outputs = decode_inputs(
-        {
-            "inputs": [
-                _item("x", "FP32", [2, 3], [1, 2, 3, 4, 5, 6]),
-                _item("flag", "BOOL", [2], [True, False]),
-            ],
-            "outputs": [{"name": "y"}],
-        },
-        SPECS,
-    )
+    body = {
+        "inputs": [
+            _item("x", "FP32", [2, 3], [1, 2, 3, 4, 5, 6]),
+            _item("flag", "BOOL", [2], [True, False]),
+        ],
+        "outputs": [{"name": "y"}],
+    }
+    arrays = decode_inputs(body, SPECS)
     assert arrays["x"].dtype == np.float32 and arrays["x"].shape == (2, 3)
     assert arrays["flag"].dtype == np.bool_
-    assert outputs == ["y"]
+    assert decode_outputs(body, [TensorSpec("y", "FP32", (-1,))]) == {"y": False}
 
 
 @pytest.mark.parametrize(
@@ -247,8 +245,8 @@ def test_integer_inputs_refuse_floats_and_overflow() -> None:
 
 def test_unknown_output_and_bytes_roundtrip() -> None:
     with pytest.raises(InvalidRequest, match="unknown outputs"):
-        check_outputs(["z"], SPECS)
-    arrays, _ = decode_inputs(
+        decode_outputs({"outputs": [{"name": "z"}]}, SPECS)
+    arrays = decode_inputs(
         {"inputs": [_item("s", "BYTES", [2], ["a", "b"])]}, [TensorSpec("s", "BYTES", (-1,))]
     )
     assert encode_output("s", arrays["s"]) == {
@@ -272,7 +270,7 @@ def test_encode_decode_roundtrip(dtype: str, shape: list[int], seed: int) -> Non
     array = (rng.random(shape) * 100).astype(OIP_TO_NUMPY[dtype])
     encoded = encode_output("t", array)
     spec = TensorSpec("t", dtype, tuple(-1 for _ in shape))
-    decoded, _ = decode_inputs({"inputs": [encoded]}, [spec])
+    decoded = decode_inputs({"inputs": [encoded]}, [spec])
     np.testing.assert_array_equal(decoded["t"], array)
     assert decoded["t"].dtype == array.dtype
 

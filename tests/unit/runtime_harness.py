@@ -1,0 +1,93 @@
+"""A runtime in the test process: a tiny byte-level text model, built in
+seconds by the demo builder's own code, served by `create_app` on uvicorn
+(127.0.0.1, a free port) in a thread, so tests can reach both its HTTP API
+and its in-memory state."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from terrace_runtime.app import create_app
+from terrace_runtime.settings import ServeSettings
+from terrace_runtime.state import RuntimeState
+
+MODEL = "small"
+
+
+def build_byte_model(out: Path) -> Path:
+    """The `tiny` preset's small byte LM as ONNX in `out` (a few seconds)."""
+    from terrace_runtime import demo_models as dm
+
+    torch, _, _ = dm._torch_modules()
+    plan = dm.PRESETS["tiny"]
+    model, _ = dm.train_lm(plan.small, dm.corpus_tokens(dm.stdlib_corpus(plan.corpus_bytes)), 0)
+    path = out / "text-small.onnx"
+    dm.export_onnx(
+        model,
+        dm._lm_examples(torch, plan.small.context),
+        path,
+        dm.lm_metadata(plan.small, dm.TOKENIZER.vocab_size),
+    )
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServedRuntime:
+    """`terrace-runtime serve` in this process; a context manager."""
+
+    def __init__(self, model: Path, **settings: Any) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings = ServeSettings(
+            model=str(model), format="onnx", name=MODEL, threads=1, **settings
+        )
+        self.state = RuntimeState.from_settings(self.settings)
+        self.app = create_app(self.settings, self.state)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServedRuntime:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.__exit__()
+        raise TimeoutError(f"runtime not ready: {self.state.reason}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Every sample called `name` on /metrics, with its labels."""
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        return [
+            (s.labels, s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name
+        ]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of `name`'s samples whose labels include `labels`."""
+        return sum(
+            v for lbl, v in self.samples(name) if all(lbl.get(k) == x for k, x in labels.items())
+        )

@@ -1,0 +1,109 @@
+"""GET /openapi.json: the router's OpenAPI document, and schemathesis holding
+the router to it, in front of a real runtime (a byte-level model served by
+`terrace-runtime`'s app on uvicorn): generated requests, valid and invalid,
+get no server error from the router and no answer the document does not
+describe, and requests that break the document's request schemas are
+refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from router_harness import ServerThread
+from runtime_harness import MODEL, ServedRuntime, build_byte_model
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from terrace_router.app import VERSION, create_app
+from terrace_router.config import RouterConfig
+from terrace_router.openapi import document
+from terrace_router.schemas import ChatCompletionRequest, CompletionRequest
+
+DOCUMENT = document(VERSION)
+TOKEN_LIMIT = 24
+MODELS = ("auto", "small", "large")
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    model = build_byte_model(tmp_path_factory.mktemp("byte-model"))
+    with ServedRuntime(model, max_tokens_limit=TOKEN_LIMIT) as runtime:
+        tier = {"endpoints": [runtime.url], "upstreamModel": MODEL, "readTimeoutSeconds": 30}
+        cfg = RouterConfig.model_validate(
+            {
+                "tiers": [
+                    {"name": "small", **tier},
+                    {"name": "large", **tier},
+                    {"name": "tensor", **tier, "protocol": "v2"},
+                ],
+                "cache": {"enabled": False},
+            }
+        )
+        server = ServerThread(create_app(cfg)).start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+
+def test_the_document_describes_every_endpoint(router):
+    doc = httpx.get(router + "/openapi.json").json()
+    assert doc == DOCUMENT and doc["openapi"] == "3.1.0"
+    paths = doc["paths"]
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = paths[path]["post"]["responses"]
+        assert {"200", "400", "429", "502", "503", "504"} <= set(responses)
+        assert "Retry-After" in responses["429"]["headers"]
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+    for path in ("/v1/models", "/v2/models/{name}/infer", "/healthz", "/metrics"):
+        assert path in paths
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["CompletionRequest"]["properties"]) == set(CompletionRequest.model_fields)
+    assert set(schemas["ChatCompletionRequest"]["properties"]) == set(
+        ChatCompletionRequest.model_fields
+    )
+
+
+schema = schemathesis.openapi.from_dict(DOCUMENT)
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
+
+
+def _aim_at_the_tiers(case: schemathesis.Case) -> None:
+    """Generated model names become served ones, except names of 0 or 1 characters
+    (repeatable, and common enough): so requests reach the tiers, and 404s
+    still come."""
+    params = case.path_parameters or {}
+    for key, served in (("name", "tensor"), ("model", "small"), ("version", "1")):
+        if isinstance(params.get(key), str) and len(params[key]) > 1:
+            params[key] = served
+    body = case.body
+    if isinstance(body, dict) and isinstance(body.get("model"), str) and len(body["model"]) > 1:
+        body["model"] = MODELS[len(body["model"]) % len(MODELS)]
+
+
+@schema.parametrize()
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_the_router_keeps_its_openapi_promises(case, router):
+    _aim_at_the_tiers(case)
+    case.call_and_validate(base_url=router, checks=CHECKS, timeout=60)

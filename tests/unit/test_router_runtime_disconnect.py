@@ -1,0 +1,77 @@
+"""Through the router, a client that goes away stops the runtime's work: the
+router cancels its attempt and closes the upstream connection, and the
+runtime (a byte-level model served by its real app) cancels the
+generation. Unary and streaming alike."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from router_harness import ServerThread
+from runtime_harness import MODEL, ServedRuntime, build_byte_model
+from terrace_router.app import create_app
+from terrace_router.config import RouterConfig
+
+MAX_TOKENS = 100_000  # ~20 s of generation on the byte model: far more than the test waits
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServedRuntime, int]]:
+    model = build_byte_model(tmp_path_factory.mktemp("byte-model"))
+    with ServedRuntime(model, max_tokens_limit=MAX_TOKENS) as runtime:
+        tier = {"endpoints": [runtime.url], "upstreamModel": MODEL, "readTimeoutSeconds": 60}
+        cfg = RouterConfig.model_validate(
+            {"tiers": [{"name": "small", **tier}], "cache": {"enabled": False}}
+        )
+        router = ServerThread(create_app(cfg)).start()
+        try:
+            yield runtime, router.port
+        finally:
+            router.stop()
+
+
+def _tokens_when_settled(runtime: ServedRuntime) -> float:
+    """Tokens generated so far, once the count stops moving (or fail after 10 s)."""
+    before = runtime.metric("terrace_runtime_tokens_generated_total")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = runtime.metric("terrace_runtime_tokens_generated_total")
+        if now == before:
+            return now
+        before = now
+    raise AssertionError("the runtime kept generating after the client left the router")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_leaving_the_router_stops_the_runtime(served, stream):
+    runtime, port = served
+    start = _tokens_when_settled(runtime)
+    body = json.dumps(
+        {
+            "model": "small",
+            "prompt": "def main():",
+            "max_tokens": MAX_TOKENS,
+            "ignore_eos": True,
+            "stream": stream,
+        }
+    ).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(head + body)
+        time.sleep(1.0)
+        conn.settimeout(0)
+        if stream:
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        else:
+            with pytest.raises(BlockingIOError):
+                conn.recv(1)  # no answer yet: still generating
+    generated = _tokens_when_settled(runtime) - start
+    assert 0 < generated < MAX_TOKENS / 10, generated

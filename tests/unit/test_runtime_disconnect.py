@@ -1,0 +1,112 @@
+"""A client that goes away stops its generation, streaming or not: the
+runtime watches the connection while it generates and cancels the request's
+sequences in the engine when the client disconnects. Metrics count such a
+request once (status 499 when no answer was sent), never as a server error."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from runtime_harness import MODEL, ServedRuntime, build_byte_model
+
+# Far more than the test waits for: ~20 s of generation on the byte model.
+MAX_TOKENS = 100_000
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedRuntime]:
+    model = build_byte_model(tmp_path_factory.mktemp("byte-model"))
+    with ServedRuntime(model, max_tokens_limit=MAX_TOKENS) as served:
+        yield served
+
+
+def _leave_after(runtime: ServedRuntime, path: str, body: dict[str, object], s: float) -> None:
+    """POST `body` on a raw socket and close it `s` seconds later, while the
+    answer is still coming (a stream) or has not come (otherwise)."""
+    raw = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(raw)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", runtime.port)) as conn:
+        conn.sendall(head + raw)
+        time.sleep(s)
+        conn.settimeout(0)
+        if body.get("stream"):
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        else:
+            with pytest.raises(BlockingIOError):
+                conn.recv(1)  # no answer yet: it is still generating
+
+
+def _settled(runtime: ServedRuntime) -> float:
+    """Tokens generated so far, once the count has stopped moving (or 10 s)."""
+    before = runtime.metric("terrace_runtime_tokens_generated_total")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = runtime.metric("terrace_runtime_tokens_generated_total")
+        if now == before:
+            return now
+        before = now
+    raise AssertionError("the runtime kept generating after its client left")
+
+
+CASES = {
+    "completions": ("/v1/completions", "completions", {"prompt": "Once"}),
+    "completions-n2": ("/v1/completions", "completions", {"prompt": ["a", "b"], "n": 2}),
+    "chat": (
+        "/v1/chat/completions",
+        "chat_completions",
+        {"messages": [{"role": "user", "content": "Hi"}]},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_stops_its_generation(runtime, case, stream):
+    path, endpoint, extra = CASES[case]
+    body = {"model": MODEL, "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": stream}
+    start = _settled(runtime)
+    statuses = {
+        s: runtime.metric("terrace_runtime_requests_total", endpoint=endpoint, status=s)
+        for s in ("200", "499", "500")
+    }
+
+    _leave_after(runtime, path, {**body, **extra}, 0.5)
+
+    generated = _settled(runtime) - start
+    sequences = 4 if case == "completions-n2" else 1
+    assert 0 < generated < MAX_TOKENS * sequences / 4, generated
+    assert runtime.metric("terrace_runtime_inflight_requests") == 0
+    assert runtime.metric("terrace_runtime_queue_depth") == 0
+    # Counted once: a stream had sent its 200; an unanswered request is a 499.
+    counted = "200" if stream else "499"
+    for status, was in statuses.items():
+        now = runtime.metric("terrace_runtime_requests_total", endpoint=endpoint, status=status)
+        assert now - was == (1 if status == counted else 0), status
+    assert runtime.metric("terrace_runtime_errors_total", kind="inference") == 0
+
+
+def test_the_engine_serves_on_after_a_client_left(runtime):
+    """The cancelled sequences left the batch: a new request is answered in full."""
+    _leave_after(
+        runtime,
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "max_tokens": MAX_TOKENS, "ignore_eos": True},
+        0.3,
+    )
+    _settled(runtime)
+    r = httpx.post(
+        runtime.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "x", "max_tokens": 5, "ignore_eos": True},
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    assert runtime.state.engine is not None and runtime.state.engine.depth == 0
