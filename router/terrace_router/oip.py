@@ -85,7 +85,14 @@ class OipProxy:
         self.version = version
 
     async def server_metadata(self, request: Request) -> Response:
-        return JSONResponse({"name": "terrace-router", "version": self.version, "extensions": []})
+        # Binary tensor bodies and their header are forwarded as they come.
+        return JSONResponse(
+            {
+                "name": "terrace-router",
+                "version": self.version,
+                "extensions": ["binary_tensor_data"],
+            }
+        )
 
     async def live(self, request: Request) -> Response:
         return JSONResponse({"live": True})

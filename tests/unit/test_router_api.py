@@ -838,6 +838,7 @@ def test_oip_v2_passthrough_to_the_tier_serving_the_model(stubs, servers):
     auth = {"authorization": f"Bearer {KEY}"}
     assert httpx.get(url + "/v2/health/live").json() == {"live": True}
     assert httpx.get(url + "/v2/health/ready").status_code == 200
+    assert httpx.get(url + "/v2").json()["extensions"] == ["binary_tensor_data"]
     meta = httpx.get(url + "/v2/models/doubler", headers=auth)
     assert meta.status_code == 200 and meta.json()["name"] == "doubler"
     body = {
