@@ -184,13 +184,13 @@ async def _settle(
         held.pool.failed(held.ep, monotonic())
         held.finish(False)
         log.warning("tier %s answered a stream request without a stream", tier.name)
-        return Failure(tier.name, ERROR)
+        return Failure(tier.name, ERROR, detail="answered a stream request without a stream")
     try:
         body = await head.read()
     except UpstreamFailure as failure:
         held.failed(failure)
         held.finish(False)
-        return Failure(tier.name, failure.kind)
+        return Failure(tier.name, failure.kind, detail=str(failure))
     held.finish(True)
     if head.status >= 300:
         return Answer(tier, head.status, head.headers, body)
@@ -198,7 +198,7 @@ async def _settle(
     if verdict == MALFORMED:
         held.pool.failed(held.ep, monotonic())
         log.warning("tier %s answered a malformed body", tier.name)
-        return Failure(tier.name, ERROR)
+        return Failure(tier.name, ERROR, detail="answered a malformed body")
     return Answer(tier, head.status, head.headers, body, fallback=verdict == UNSURE)
 
 
@@ -232,8 +232,10 @@ async def _try_tier(session: aiohttp.ClientSession, tier: Tier, out: Outgoing) -
             if failure.kind == CONNECT:
                 tried.append(ep)
                 continue
-            log.warning("tier %s endpoint %s: %s: %s", tier.name, ep.base, failure.kind, failure)
-            return Failure(tier.name, failure.kind)
+            log.warning(
+                "tier %s endpoint %s: %s: %s", tier.name, ep.base, failure.kind, failure.cause
+            )
+            return Failure(tier.name, failure.kind, detail=str(failure))
         except BaseException:  # cancelled: the client left before the head came
             ep.inflight -= 1
             raise

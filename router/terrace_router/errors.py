@@ -108,7 +108,8 @@ class Failure:
 
     `kind` is a policy reason (overload, unavailable, timeout, error);
     `status`, `retry_after` and `detail` are the upstream's own, when it
-    answered (a 429 or a 5xx): they reach the client intact."""
+    answered (a 429 or a 5xx): they reach the client intact. Without a
+    status, `detail` says what the upstream did in the router's words."""
 
     tier: str
     kind: str
@@ -120,7 +121,7 @@ class Failure:
         if self.status is not None:
             said = f" ({self.detail})" if self.detail else ""
             return f"tier '{self.tier}' answered {self.status}{said}"
-        return f"tier '{self.tier}' {_KIND_TEXT.get(self.kind, 'failed')}"
+        return f"tier '{self.tier}' {self.detail or _KIND_TEXT.get(self.kind, 'failed')}"
 
 
 _KIND_TEXT = {

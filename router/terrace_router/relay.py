@@ -113,7 +113,9 @@ class SseRelay:
                 await send({"type": "http.response.body", "body": block, "more_body": True})
         except UpstreamFailure as failure:
             self.held.failed(failure)
-            log.warning("tier %s broke mid-stream: %s: %s", self.tier_name, failure.kind, failure)
+            log.warning(
+                "tier %s broke mid-stream: %s: %s", self.tier_name, failure.kind, failure.cause
+            )
             event = sse.error_event(_MID_STREAM)
             await send({"type": "http.response.body", "body": event, "more_body": True})
             return False

@@ -39,9 +39,13 @@ KEEPALIVE_SECONDS = 4.0
 
 
 class UpstreamFailure(Exception):
-    def __init__(self, kind: str, detail: str) -> None:
+    """`kind` (connect, timeout, error) and what the upstream did, in the
+    router's own words (safe to show a client: no upstream bytes)."""
+
+    def __init__(self, kind: str, detail: str, cause: BaseException | None = None) -> None:
         super().__init__(detail)
         self.kind = kind
+        self.cause = repr(cause) if cause is not None else detail  # for the router's log
 
 
 def open_session() -> aiohttp.ClientSession:
@@ -87,8 +91,10 @@ def url(base: str, path: str) -> URL:
 
 def _failure(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, TimeoutError):  # aiohttp's read timeouts are TimeoutErrors too
-        return UpstreamFailure(TIMEOUT, str(exc) or "read timeout")
-    return UpstreamFailure(ERROR, str(exc) or type(exc).__name__)
+        return UpstreamFailure(TIMEOUT, "timed out", exc)
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return UpstreamFailure(ERROR, "closed or reset the connection", exc)
+    return UpstreamFailure(ERROR, "answered malformed bytes", exc)
 
 
 def _unwritten(exc: BaseException) -> bool:
@@ -162,12 +168,12 @@ async def send(
                 allow_redirects=False,
             )
             return Head(resp)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise UpstreamFailure(CONNECT, str(exc)) from None
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+            raise UpstreamFailure(CONNECT, "refused the connection") from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             if _unwritten(exc):
                 if attempt == 0:
                     continue
-                raise UpstreamFailure(CONNECT, "connection closed before the request") from None
+                raise UpstreamFailure(CONNECT, "closed the connection before the request") from None
             raise _failure(exc) from None
     raise AssertionError("unreachable")

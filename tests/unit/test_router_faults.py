@@ -139,16 +139,16 @@ class Upstream:
 
 # fault -> (pinned status, OpenAI error code, words the message must carry)
 UNARY = {
-    "refused": (503, "service_unavailable", "has no reachable endpoint"),
+    "refused": (503, "service_unavailable", "tier 'small' has no reachable endpoint"),
     # Reset before reading: if the reset beat the write, the request provably
     # never went out (503, like a refused connection); else 502.
     "reset-before-read": (502, "bad_gateway", "tier"),
-    "reset-after-read": (502, "bad_gateway", "failed"),
+    "reset-after-read": (502, "bad_gateway", "tier 'small' closed or reset the connection"),
     "slow-headers": (504, "upstream_timeout", "timed out"),
     "http-500": (500, "upstream_error", "answered 500 (kaboom: CUDA error)"),
     "http-429": (429, "rate_limit_exceeded", "answered 429 (queue full)"),
     "http-503": (503, "service_unavailable", "answered 503 (loading model)"),
-    "malformed-json": (502, "bad_gateway", "failed"),
+    "malformed-json": (502, "bad_gateway", "tier 'small' answered a malformed body"),
 }
 STREAM_ONLY = ("malformed-sse", "death-mid-event")
 
@@ -221,7 +221,7 @@ def test_v2_pinned(faulty, fault):
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"} and isinstance(body["error"], str)
-    assert words in body["error"] and "Traceback" not in r.text
+    assert words.replace("'small'", "'tensor'") in body["error"] and "Traceback" not in r.text
     assert up.reads <= 1
     _no_leak(url)
 
