@@ -1,7 +1,7 @@
 """The router's ASGI app factory (Starlette).
 
 `create_app(config)` or `create_app(config_path=...)` (the latter also
-watches the file and reloads). The one shared upstream `aiohttp.ClientSession`
+watches the file and reloads). The one shared upstream session (`upstream.py`)
 is created in the lifespan; nothing starts at import.
 """
 

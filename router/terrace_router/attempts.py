@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
-import aiohttp
-
 from . import upstream
 from .errors import Failure, no_answer
 from .metrics import RouterMetrics
@@ -139,7 +137,7 @@ class Answer:
     fallback: bool = False  # an unsure answer kept because the escalation failed
 
 
-async def attempt(x: Exchange, session: aiohttp.ClientSession, metrics: RouterMetrics) -> Answer:
+async def attempt(x: Exchange, session: upstream.Session, metrics: RouterMetrics) -> Answer:
     """Try `x.decision`'s tiers in order. Raises RouterError (errors.no_answer)."""
     order = x.decision.order
     fallback: Answer | None = None
@@ -207,7 +205,7 @@ def _reason(kind: str) -> str:
     return kind if kind in (OVERLOAD, TIMEOUT) else ERROR
 
 
-async def _try_tier(session: aiohttp.ClientSession, tier: Tier, out: Outgoing) -> Held | Failure:
+async def _try_tier(session: upstream.Session, tier: Tier, out: Outgoing) -> Held | Failure:
     """One attempt on a tier: its best endpoint, and the next one only when
     the request never went out. A held 2xx/4xx answer, or why not."""
     pool = tier.pool

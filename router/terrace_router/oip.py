@@ -15,11 +15,10 @@ import json
 from collections.abc import Callable
 from time import perf_counter
 
-import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import policy
+from . import policy, upstream
 from .attempts import MALFORMED, SOUND, Exchange, Outgoing, attempt
 from .disconnect import ClientGone, unless_gone
 from .errors import RouterError
@@ -76,7 +75,7 @@ class OipProxy:
         self,
         current: Callable[[], RouterState],
         metrics: RouterMetrics,
-        client: Callable[[], aiohttp.ClientSession | None],
+        client: Callable[[], upstream.Session | None],
         version: str,
     ) -> None:
         self.current = current

@@ -21,12 +21,11 @@ from collections.abc import Callable
 from time import monotonic, perf_counter
 from typing import Any
 
-import aiohttp
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import policy
+from . import policy, upstream
 from .attempts import MALFORMED, SOUND, UNSURE, Answer, Exchange, Outgoing, attempt
 from .cache import CachedAnswer, cache_key
 from .disconnect import ClientGone, unless_gone
@@ -188,7 +187,7 @@ class Proxy:
     def __init__(self, current: Callable[[], RouterState], metrics: RouterMetrics) -> None:
         self.current = current
         self.metrics = metrics
-        self.client: aiohttp.ClientSession | None = None  # set by the app's lifespan
+        self.client: upstream.Session | None = None  # set by the app's lifespan
         self._scoring = anyio.CapacityLimiter(1)
 
     async def openai(self, request: Request, kind: str) -> Response | SseRelay:

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from . import upstream
 from .auth import ApiKeys
 from .cache import ResponseCache
@@ -33,7 +31,7 @@ class Tier:
     index: int  # position among the OpenAI tiers (cost order); -1 for v2-only tiers
     config: TierConfig
     pool: TierPool
-    timeout: aiohttp.ClientTimeout
+    timeout: upstream.Timeout
     upstream_model: str | None
 
     def model_for(self, requested: str, auto: bool) -> str:

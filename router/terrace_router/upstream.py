@@ -38,6 +38,11 @@ ERROR = policy.ERROR
 KEEPALIVE_SECONDS = 4.0
 
 
+# The names the rest of the router uses for the client and its timeouts.
+Session = aiohttp.ClientSession
+Timeout = aiohttp.ClientTimeout
+
+
 class UpstreamFailure(Exception):
     """`kind` (connect, timeout, error) and what the upstream did, in the
     router's own words (safe to show a client: no upstream bytes)."""
