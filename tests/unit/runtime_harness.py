@@ -14,6 +14,14 @@ from typing import Any
 import httpx
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from terrace_runtime.app import create_app
 from terrace_runtime.settings import ServeSettings
 from terrace_runtime.state import RuntimeState
@@ -91,3 +99,27 @@ class ServedRuntime:
         return sum(
             v for lbl, v in self.samples(name) if all(lbl.get(k) == x for k, x in labels.items())
         )
+
+    def tokens_when_settled(self) -> float:
+        """Tokens generated so far, once the count has stopped moving; fails
+        after 10 s of growth (something kept generating)."""
+        before = self.metric("terrace_runtime_tokens_generated_total")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            now = self.metric("terrace_runtime_tokens_generated_total")
+            if now == before:
+                return now
+            before = now
+        raise AssertionError("the runtime kept generating after its client left")
+
+
+# What schemathesis holds a served OpenAPI document to (runtime and router).
+OPENAPI_CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]

@@ -34,23 +34,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServedRun
             router.stop()
 
 
-def _tokens_when_settled(runtime: ServedRuntime) -> float:
-    """Tokens generated so far, once the count stops moving (or fail after 10 s)."""
-    before = runtime.metric("terrace_runtime_tokens_generated_total")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        now = runtime.metric("terrace_runtime_tokens_generated_total")
-        if now == before:
-            return now
-        before = now
-    raise AssertionError("the runtime kept generating after the client left the router")
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_leaving_the_router_stops_the_runtime(served, stream):
     runtime, port = served
-    start = _tokens_when_settled(runtime)
+    start = runtime.tokens_when_settled()
     body = json.dumps(
         {
             "model": "small",
@@ -73,5 +60,5 @@ def test_leaving_the_router_stops_the_runtime(served, stream):
         else:
             with pytest.raises(BlockingIOError):
                 conn.recv(1)  # no answer yet: still generating
-    generated = _tokens_when_settled(runtime) - start
+    generated = runtime.tokens_when_settled() - start
     assert 0 < generated < MAX_TOKENS / 10, generated

@@ -44,19 +44,6 @@ def _leave_after(runtime: ServedRuntime, path: str, body: dict[str, object], s: 
                 conn.recv(1)  # no answer yet: it is still generating
 
 
-def _settled(runtime: ServedRuntime) -> float:
-    """Tokens generated so far, once the count has stopped moving (or 10 s)."""
-    before = runtime.metric("terrace_runtime_tokens_generated_total")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        now = runtime.metric("terrace_runtime_tokens_generated_total")
-        if now == before:
-            return now
-        before = now
-    raise AssertionError("the runtime kept generating after its client left")
-
-
 CASES = {
     "completions": ("/v1/completions", "completions", {"prompt": "Once"}),
     "completions-n2": ("/v1/completions", "completions", {"prompt": ["a", "b"], "n": 2}),
@@ -73,7 +60,7 @@ CASES = {
 def test_a_client_that_leaves_stops_its_generation(runtime, case, stream):
     path, endpoint, extra = CASES[case]
     body = {"model": MODEL, "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": stream}
-    start = _settled(runtime)
+    start = runtime.tokens_when_settled()
     statuses = {
         s: runtime.metric("terrace_runtime_requests_total", endpoint=endpoint, status=s)
         for s in ("200", "499", "500")
@@ -81,7 +68,7 @@ def test_a_client_that_leaves_stops_its_generation(runtime, case, stream):
 
     _leave_after(runtime, path, {**body, **extra}, 0.5)
 
-    generated = _settled(runtime) - start
+    generated = runtime.tokens_when_settled() - start
     sequences = 4 if case == "completions-n2" else 1
     assert 0 < generated < MAX_TOKENS * sequences / 4, generated
     assert runtime.metric("terrace_runtime_inflight_requests") == 0
@@ -102,7 +89,7 @@ def test_the_engine_serves_on_after_a_client_left(runtime):
         {"model": MODEL, "prompt": "x", "max_tokens": MAX_TOKENS, "ignore_eos": True},
         0.3,
     )
-    _settled(runtime)
+    runtime.tokens_when_settled()
     r = httpx.post(
         runtime.url + "/v1/completions",
         json={"model": MODEL, "prompt": "x", "max_tokens": 5, "ignore_eos": True},

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import struct
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +20,7 @@ import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from localproc import ServerProcess, free_port
 from onnx import TensorProto, helper
 from terrace_runtime.http import dumps, loads
 from terrace_runtime.tensors import (
@@ -493,48 +491,21 @@ def _identity_model(path: Path, inputs: dict[str, int], dims: list[str]) -> Path
     return path
 
 
-class _Server:
-    """One `terrace-runtime serve` on 127.0.0.1, stopped by its PID."""
+def _serve(model: Path, name: str, log: Path) -> ServerProcess:
+    """One `terrace-runtime serve` on 127.0.0.1 (stopped by its PID)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--model", str(model), "--format", "onnx", "--name", name]
+    argv += ["--threads", "1"]
+    return ServerProcess(name, argv, port, "/v2/health/ready", log)
 
-    def __init__(self, model: Path, name: str, log: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1"]
-            + ["--port", str(port), "--model", str(model), "--format", "onnx", "--name", name]
-            + ["--threads", "1"],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.log.read_text())
-            try:
-                if httpx.get(self.base + "/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(self.log.read_text())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+def _infer(server: ServerProcess) -> str:
+    return f"{server.url}/v2/models/{server.name}/infer"
 
 
 @pytest.fixture(scope="module")
-def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Server]]:
+def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
     tmp = tmp_path_factory.mktemp("identity")
     models = {
         "strings": _identity_model(tmp / "strings.onnx", {"x": TensorProto.STRING}, ["n", "m"]),
@@ -542,10 +513,10 @@ def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Se
             tmp / "numbers.onnx", {n: t for n, (t, _) in NUMERIC.items()}, ["n"]
         ),
     }
-    servers = {name: _Server(path, name, tmp / f"{name}.log") for name, path in models.items()}
+    servers = {name: _serve(path, name, tmp / f"{name}.log") for name, path in models.items()}
     try:
         for server in servers.values():
-            server.wait_ready()
+            server.wait(60)
         yield servers
     finally:
         for server in servers.values():
@@ -576,10 +547,10 @@ def _split(response: httpx.Response) -> tuple[dict[str, Any], dict[str, bytes]]:
     return head, parts
 
 
-def test_server_metadata_announces_binary_tensor_data(identity: dict[str, _Server]) -> None:
+def test_server_metadata_announces_binary_tensor_data(identity: dict[str, ServerProcess]) -> None:
     s = identity["strings"]
-    assert "binary_tensor_data" in httpx.get(s.base + "/v2").json()["extensions"]
-    meta = httpx.get(s.base + "/v2/models/strings").json()
+    assert "binary_tensor_data" in httpx.get(s.url + "/v2").json()["extensions"]
+    meta = httpx.get(s.url + "/v2/models/strings").json()
     assert meta["inputs"] == [{"name": "x", "datatype": "BYTES", "shape": [-1, -1]}]
 
 
@@ -592,23 +563,25 @@ def test_server_metadata_announces_binary_tensor_data(identity: dict[str, _Serve
     ],
 )
 def test_bytes_json_round_trip_through_string_identity(
-    identity: dict[str, _Server], shape: list[int], data: list[Any]
+    identity: dict[str, ServerProcess], shape: list[int], data: list[Any]
 ) -> None:
-    r = httpx.post(identity["strings"].url, json={"inputs": [_item("x", "BYTES", shape, data)]})
+    r = httpx.post(_infer(identity["strings"]), json={"inputs": [_item("x", "BYTES", shape, data)]})
     assert r.status_code == 200, r.text
     [out] = r.json()["outputs"]
     flat = [v for row in data for v in (row if isinstance(row, list) else [row])]
     assert out == {"name": "x_out", "datatype": "BYTES", "shape": shape, "data": flat}
 
 
-def test_bytes_binary_in_and_out_through_string_identity(identity: dict[str, _Server]) -> None:
+def test_bytes_binary_in_and_out_through_string_identity(
+    identity: dict[str, ServerProcess],
+) -> None:
     elements = [b"a", b"", "é".encode(), b"trailing nul\x00", b"\x00"]
     raw = _pack(elements)
     head: dict[str, Any] = {
         "inputs": [_binary_item("x", "BYTES", [5, 1], len(raw))],
         "parameters": {"binary_data_output": True},
     }
-    body, parts = _split(_post_binary(identity["strings"].url, head, raw))
+    body, parts = _split(_post_binary(_infer(identity["strings"]), head, raw))
     [out] = body["outputs"]
     assert out == {
         "name": "x_out",
@@ -619,20 +592,22 @@ def test_bytes_binary_in_and_out_through_string_identity(identity: dict[str, _Se
     assert parts["x_out"] == raw
     # Binary in, JSON out (no binary_data asked for): a plain JSON answer.
     head.pop("parameters")
-    r = _post_binary(identity["strings"].url, head, raw)
+    r = _post_binary(_infer(identity["strings"]), head, raw)
     assert r.headers["content-type"] == "application/json" and HEADER not in r.headers
     assert r.json()["outputs"][0]["data"] == [e.decode() for e in elements]
     # JSON in, binary out for that one output.
     json_in = {"inputs": [_item("x", "BYTES", [1, 2], ["é", ""])]}
     json_in["outputs"] = [{"name": "x_out", "parameters": {"binary_data": True}}]
-    _, parts = _split(httpx.post(identity["strings"].url, json=json_in))
+    _, parts = _split(httpx.post(_infer(identity["strings"]), json=json_in))
     assert parts["x_out"] == _pack(["é".encode(), b""])
 
 
-def test_non_utf8_bytes_into_an_onnx_string_input_is_a_400(identity: dict[str, _Server]) -> None:
+def test_non_utf8_bytes_into_an_onnx_string_input_is_a_400(
+    identity: dict[str, ServerProcess],
+) -> None:
     raw = _pack([b"ok", b"\xff\xfe"])
     head = {"inputs": [_binary_item("x", "BYTES", [1, 2], len(raw))]}
-    r = _post_binary(identity["strings"].url, head, raw)
+    r = _post_binary(_infer(identity["strings"]), head, raw)
     assert r.status_code == 400, r.text
     assert r.json() == {
         "error": "input 'x': element 1 is not valid UTF-8, and ONNX string tensors hold UTF-8 text"
@@ -651,9 +626,11 @@ def _numeric_arrays(rows: int) -> dict[str, np.ndarray]:
     }
 
 
-def test_numeric_identity_round_trips_in_json_and_binary(identity: dict[str, _Server]) -> None:
+def test_numeric_identity_round_trips_in_json_and_binary(
+    identity: dict[str, ServerProcess],
+) -> None:
     arrays = _numeric_arrays(5)
-    url = identity["numbers"].url
+    url = _infer(identity["numbers"])
     inputs = [_item(n, NUMERIC[n][1], [5], a.tolist()) for n, a in arrays.items()]
     r = httpx.post(url, json={"inputs": inputs})
     assert r.status_code == 200, r.text
@@ -698,9 +675,9 @@ def _numbers(**bad: list[Any]) -> list[dict[str, Any]]:
     ],
 )
 def test_validation_problems_are_400_in_the_protocol_shape(
-    identity: dict[str, _Server], model: str, inputs: list[Any], words: str
+    identity: dict[str, ServerProcess], model: str, inputs: list[Any], words: str
 ) -> None:
-    r = httpx.post(identity[model].url, json={"inputs": inputs})
+    r = httpx.post(_infer(identity[model]), json={"inputs": inputs})
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"error"} and words in r.json()["error"]
 
@@ -715,7 +692,7 @@ def test_validation_problems_are_400_in_the_protocol_shape(
     ],
 )
 def test_bad_binary_framing_is_a_400(
-    identity: dict[str, _Server], header: str, body: bytes, words: str
+    identity: dict[str, ServerProcess], header: str, body: bytes, words: str
 ) -> None:
-    r = httpx.post(identity["strings"].url, content=body, headers={HEADER: header})
+    r = httpx.post(_infer(identity["strings"]), content=body, headers={HEADER: header})
     assert r.status_code == 400 and words in r.json()["error"]

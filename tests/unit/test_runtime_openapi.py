@@ -18,15 +18,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from runtime_harness import MODEL, ServedRuntime, build_byte_model
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    negative_data_rejection,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from runtime_harness import MODEL, OPENAPI_CHECKS, ServedRuntime, build_byte_model
 from terrace_runtime.openai_requests import ChatRequest, CompletionRequest
 from terrace_runtime.openapi import document
 from terrace_runtime.settings import ServeSettings
@@ -75,14 +67,6 @@ def test_the_document_describes_every_endpoint(runtime):
 
 
 schema = schemathesis.openapi.from_dict(DOCUMENT)
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    negative_data_rejection,
-]
 
 
 def _aim_at_the_model(case: schemathesis.Case) -> None:
@@ -105,4 +89,4 @@ def _aim_at_the_model(case: schemathesis.Case) -> None:
 )
 def test_the_runtime_keeps_its_openapi_promises(case, runtime):
     _aim_at_the_model(case)
-    case.call_and_validate(base_url=runtime.url, checks=CHECKS, timeout=60)
+    case.call_and_validate(base_url=runtime.url, checks=OPENAPI_CHECKS, timeout=60)
