@@ -28,6 +28,7 @@ from .http import (
     json_response,
     loads,
     state_of,
+    unless_client_leaves,
 )
 from .state import RuntimeState
 from .tensors import InvalidRequest, decode_inputs, decode_outputs, encode_outputs
@@ -123,7 +124,8 @@ async def infer(request: Request) -> Response:
     except (BadBody, InvalidRequest) as exc:
         return _error(state, 400, "invalid_request", str(exc))
     try:
-        result = await state.batcher.infer(arrays, list(outputs))
+        # A client that leaves takes its request out of the batch queue (499).
+        result = await unless_client_leaves(request, state.batcher.infer(arrays, list(outputs)))
     except QueueFull as exc:
         return _error(state, 429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after_s)})
     except BatcherClosed as exc:
