@@ -27,10 +27,14 @@ The client's payload is never changed: each attempt builds its own body.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from time import monotonic
 from typing import Any
 
@@ -38,7 +42,7 @@ from . import upstream
 from .errors import Failure, no_answer
 from .metrics import RouterMetrics
 from .policy import ERROR, LOW_CONFIDENCE, OVERLOAD, TIMEOUT, UNAVAILABLE, Decision
-from .pool import Endpoint, Pick, TierPool
+from .pool import Endpoint, Pick
 from .state import RouterState, Tier
 from .upstream import CONNECT, Head, UpstreamFailure
 
@@ -100,10 +104,11 @@ class Exchange:
 class Held:
     """An endpoint's in-flight slot and an upstream response, until `finish`."""
 
-    __slots__ = ("pool", "ep", "head", "_open")
+    __slots__ = ("session", "tier", "ep", "head", "_open")
 
-    def __init__(self, pool: TierPool, ep: Endpoint, head: Head) -> None:
-        self.pool = pool
+    def __init__(self, session: upstream.Session, tier: Tier, ep: Endpoint, head: Head) -> None:
+        self.session = session
+        self.tier = tier
         self.ep = ep
         self.head = head
         self._open = True
@@ -120,9 +125,41 @@ class Held:
             else:
                 self.head.close()
 
-    def failed(self, failure: UpstreamFailure) -> None:
-        """The body broke off: count it against the endpoint."""
-        self.pool.failed(self.ep, monotonic(), endpoint_fault=failure.kind != TIMEOUT)
+    def blame(self, endpoint_fault: bool) -> None:
+        """The answer failed after its head: see `blame`."""
+        blame(self.session, self.tier, self.ep, endpoint_fault=endpoint_fault)
+
+
+# Health checks in flight (a reference keeps each task alive until it ends).
+_CHECKS: set[asyncio.Task[None]] = set()
+
+
+def blame(session: upstream.Session, tier: Tier, ep: Endpoint, *, endpoint_fault: bool) -> None:
+    """Count a failure against an endpoint. One the request may have caused
+    (`endpoint_fault=False`: a 500, a read timeout) only makes it a suspect;
+    enough in a row and the endpoint is asked itself (`_check`)."""
+    pool = tier.pool
+    if endpoint_fault:
+        pool.failed(ep, monotonic())
+    elif pool.suspect(ep):
+        task = asyncio.get_running_loop().create_task(_check(session, tier, ep))
+        _CHECKS.add(task)
+        task.add_done_callback(_CHECKS.discard)
+
+
+async def _check(session: upstream.Session, tier: Tier, ep: Endpoint) -> None:
+    """Ask a suspect endpoint for its health (GET /v1/models, or OIP v2's
+    /v2/health/ready): a 200 clears it, anything else ejects it."""
+    path = "/v2/health/ready" if tier.config.protocol == "v2" else "/v1/models"
+    try:
+        healthy = await upstream.healthy(session, upstream.url(ep.base, path), tier.timeout)
+    finally:
+        ep.checking = False
+    if healthy:
+        tier.pool.succeeded(ep)
+    else:
+        log.warning("tier %s endpoint %s failed its health check: ejected", tier.name, ep.base)
+        tier.pool.check_failed(ep, monotonic())
 
 
 @dataclass(slots=True)
@@ -179,14 +216,14 @@ async def _settle(
         if head.headers.get("content-type", "").startswith("text/event-stream"):
             return Answer(tier, head.status, head.headers, b"", held)
         # Not a stream: the upstream is broken (or ignored `stream`).
-        held.pool.failed(held.ep, monotonic())
+        held.blame(endpoint_fault=True)
         held.finish(False)
         log.warning("tier %s answered a stream request without a stream", tier.name)
         return Failure(tier.name, ERROR, detail="answered a stream request without a stream")
     try:
         body = await head.read()
     except UpstreamFailure as failure:
-        held.failed(failure)
+        held.blame(endpoint_fault=failure.kind != TIMEOUT)
         held.finish(False)
         return Failure(tier.name, failure.kind, detail=str(failure))
     held.finish(True)
@@ -194,7 +231,7 @@ async def _settle(
         return Answer(tier, head.status, head.headers, body)
     verdict, body = x.judge(tier, head, body, out, check)
     if verdict == MALFORMED:
-        held.pool.failed(held.ep, monotonic())
+        held.blame(endpoint_fault=True)
         log.warning("tier %s answered a malformed body", tier.name)
         return Failure(tier.name, ERROR, detail="answered a malformed body")
     return Answer(tier, head.status, head.headers, body, fallback=verdict == UNSURE)
@@ -226,7 +263,7 @@ async def _try_tier(session: upstream.Session, tier: Tier, out: Outgoing) -> Hel
             )
         except UpstreamFailure as failure:
             ep.inflight -= 1
-            pool.failed(ep, monotonic(), endpoint_fault=failure.kind != TIMEOUT)
+            blame(session, tier, ep, endpoint_fault=failure.kind != TIMEOUT)
             if failure.kind == CONNECT:
                 tried.append(ep)
                 continue
@@ -237,10 +274,10 @@ async def _try_tier(session: upstream.Session, tier: Tier, out: Outgoing) -> Hel
         except BaseException:  # cancelled: the client left before the head came
             ep.inflight -= 1
             raise
-        held = Held(pool, ep, head)
+        held = Held(session, tier, ep, head)
         status = head.status
         if status < 500 and status != 429:
-            pool.succeeded(ep, monotonic())
+            pool.succeeded(ep)
             return held
         # An answer that is a failure: its status, Retry-After and message travel on.
         try:
@@ -253,14 +290,23 @@ async def _try_tier(session: upstream.Session, tier: Tier, out: Outgoing) -> Hel
             kind = OVERLOAD  # the upstream's own admission control, not a fault
         else:
             kind = ERROR
-            pool.failed(ep, monotonic(), endpoint_fault=status in (502, 503, 504))
+            blame(session, tier, ep, endpoint_fault=status in (502, 503, 504))
         return Failure(tier.name, kind, status, _retry_after(head.headers), _detail(body))
 
 
 def _retry_after(headers: Mapping[str, str]) -> int | None:
-    """Retry-After in whole seconds (the delta-seconds form), if given."""
+    """Retry-After in whole seconds, if given (RFC 9110: delta-seconds or an
+    HTTP-date, which is turned into the seconds until it)."""
     value = headers.get("retry-after", "").strip()
-    return int(value) if value.isdigit() else None
+    if value.isdigit():
+        return int(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0, math.ceil((when - datetime.now(UTC)).total_seconds()))
 
 
 def _detail(body: bytes) -> str:
@@ -268,7 +314,7 @@ def _detail(body: bytes) -> str:
     string, FastAPI's `detail`), or "" when it has none worth quoting."""
     try:
         parsed: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     if not isinstance(parsed, dict):
         return ""

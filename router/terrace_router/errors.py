@@ -140,9 +140,11 @@ def no_answer(failures: list[Failure], wait_seconds: float) -> RouterError:
 
     Every failure an overload (an in-flight limit or an upstream 429): 429
     with the soonest Retry-After any upstream gave (else 1 s). Otherwise the
-    last tier's failure decides: its own HTTP status and Retry-After when it
-    answered, else 503 (no endpoint; Retry-After = `wait_seconds` until one
-    leaves ejection), 504 (timeout) or 502 (reset, malformed answer)."""
+    last tier's failure decides the status: its own HTTP status when it
+    answered, else 503 (no endpoint), 504 (timeout) or 502 (reset, malformed
+    answer). Retry-After: the last tier's, else the soonest another tier
+    gave, else (429, 503) `wait_seconds` until an endpoint leaves ejection,
+    at least 1."""
     causes = "; ".join(f.describe() for f in failures) or "no tier was tried"
     message = f"No tier could serve this request: {causes}. Retry shortly."
     if failures and all(f.kind == OVERLOAD for f in failures):
@@ -156,9 +158,18 @@ def no_answer(failures: list[Failure], wait_seconds: float) -> RouterError:
         )
     last = failures[-1] if failures else Failure("none", UNAVAILABLE)
     status = last.status or _STATUS.get(last.kind, 502)
-    retry_after = last.retry_after
-    if retry_after is None and status == 503:
+    given = [f.retry_after for f in failures if f.retry_after is not None]
+    retry_after = last.retry_after if last.retry_after is not None else min(given, default=None)
+    if retry_after is None and status in (429, 503):
         retry_after = max(1, math.ceil(wait_seconds))
+    if status == 429:
+        return RouterError(
+            429,
+            message,
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            retry_after=retry_after,
+        )
     code = {503: "service_unavailable", 504: "upstream_timeout", 502: "bad_gateway"}
     return RouterError(
         status,

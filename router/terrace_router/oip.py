@@ -65,7 +65,7 @@ class V2Exchange(Exchange):
         if not binary and head.headers.get("content-type", "").startswith("application/json"):
             try:
                 json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return MALFORMED, body
         return SOUND, body
 

@@ -130,7 +130,12 @@ def is_low_confidence(response: dict[str, Any], kind: str, min_mean_logprob: flo
 def with_logprobs(payload: dict[str, Any], kind: str) -> dict[str, Any] | None:
     """A copy of `payload` asking the upstream for the logprobs the
     confidence check needs, or None when the client asked for them itself
-    (then nothing is added, and nothing must be stripped)."""
+    (then nothing is added, and nothing must be stripped) or when adding
+    them would change what the request means to an upstream (`echo`: many
+    servers, Terrace's runtime among them, refuse echo with logprobs; such a
+    request is then judged without a signal, and kept)."""
+    if payload.get("echo"):
+        return None
     if kind == "chat":
         return None if payload.get("logprobs") else {**payload, "logprobs": True}
     return None if payload.get("logprobs") is not None else {**payload, "logprobs": 1}

@@ -2,12 +2,15 @@
 limit per endpoint, and passive health (eject after repeated failures, try
 again after a cooldown).
 
-Which failures count: an endpoint that cannot be reached, resets, answers
-garbage or answers 502/503/504 is at fault. A failure a request can cause
-by itself (a 500 answer, a read timeout on a long generation) counts only
-while the endpoint has answered nothing successfully for `eject_seconds`: a
-few bad requests never take a tier that serves everyone else out of
-service. Answers in 4xx are the client's and count as successes.
+Who is at fault decides what counts. An endpoint that cannot be reached,
+resets, answers garbage or answers 502/503/504 is at fault: `failed`. A
+failure a request can cause by itself (a 500 answer, a read timeout on a
+long generation) only makes the endpoint a suspect: `suspect` says when
+enough have piled up to ask the endpoint itself (a health check, done by
+the caller), and only a failed check ejects it (`check_failed`). So bad
+requests never take a tier out of service, however quiet its traffic,
+while a hung or dead endpoint still goes. Answers in 4xx are the client's
+and count as successes.
 
 Pure bookkeeping over plain counters; the caller passes the clock and does
 the HTTP. Everything runs on the event loop thread, so no locks.
@@ -32,7 +35,8 @@ class Endpoint:
         "inflight",
         "failures",
         "ejected_until",
-        "last_success",
+        "suspicions",
+        "checking",
     )
 
     def __init__(self, base: str) -> None:
@@ -40,7 +44,8 @@ class Endpoint:
         self.inflight = 0
         self.failures = 0  # consecutive
         self.ejected_until = 0.0
-        self.last_success = float("-inf")  # monotonic seconds
+        self.suspicions = 0  # consecutive failures a request may have caused
+        self.checking = False  # a health check is in flight
 
     def __repr__(self) -> str:
         return f"Endpoint({self.base!r}, inflight={self.inflight}, failures={self.failures})"
@@ -91,16 +96,28 @@ class TierPool:
             return best
         return Pick.OVERLOADED if saw_healthy else Pick.UNAVAILABLE
 
-    def succeeded(self, ep: Endpoint, now: float) -> None:
+    def succeeded(self, ep: Endpoint) -> None:
         ep.failures = 0
+        ep.suspicions = 0
         ep.ejected_until = 0.0
-        ep.last_success = now
 
-    def failed(self, ep: Endpoint, now: float, *, endpoint_fault: bool = True) -> None:
-        """Count a failure; `endpoint_fault=False` for one the request may
-        have caused (see the module docstring)."""
-        if not endpoint_fault and now - ep.last_success < self.eject_seconds:
-            return
+    def suspect(self, ep: Endpoint) -> bool:
+        """A failure the request may have caused. True when the endpoint
+        should now be health-checked (enough in a row, none in flight); the
+        caller reports the check with `succeeded` or `check_failed`."""
+        ep.suspicions += 1
+        if ep.suspicions < self.eject_after or ep.checking:
+            return False
+        ep.checking = True
+        return True
+
+    def check_failed(self, ep: Endpoint, now: float) -> None:
+        """The endpoint failed its health check too: it is at fault."""
+        ep.failures = max(ep.failures, self.eject_after - 1)
+        self.failed(ep, now)
+
+    def failed(self, ep: Endpoint, now: float) -> None:
+        """A failure the endpoint is at fault for."""
         ep.failures += 1
         if ep.failures >= self.eject_after:
             # After the cooldown one request probes it; another failure

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from time import monotonic, perf_counter
 from typing import Any
@@ -98,11 +99,20 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):  # 1e999: a number JSON cannot carry on
+        raise ValueError(text)
+    return value
+
+
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: `NaN` and `Infinity` (which Python's json accepts) are not JSON."""
+    """Strict JSON: `NaN`, `Infinity` and numbers that overflow a double (all
+    of which Python's json accepts) are not JSON; nesting deeper than the
+    parser's recursion limit is refused, not a server error."""
     try:
-        return json.loads(body, parse_constant=_refuse_constant)
-    except ValueError:
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite)
+    except (ValueError, RecursionError):
         raise bad_request(
             "We could not parse the JSON body of your request. (HINT: This likely means you "
             "aren't using your HTTP library correctly.)"
@@ -130,7 +140,7 @@ def _decision_headers(
 def _loads_or_none(content: bytes) -> Any:
     try:
         value = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import sse
 from .attempts import Held
-from .upstream import ERROR, UpstreamFailure
+from .upstream import ERROR, TIMEOUT, UpstreamFailure
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,6 @@ class SseRelay:
             body = b"".join(collected) if cacheable and collected is not None else None
             self.on_end(body)
 
-    @staticmethod
-    async def _forward_sound_prefix(send: Send, block: bytes) -> None:
-        """The events of `block` before its first malformed one."""
-        for event in sse.split_events(block):
-            if not sse.inspect(event).well_formed:
-                return
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-
     async def _relay(self, send: Send, collected: list[bytes] | None) -> bool:
         """Forward whole events until the upstream ends; True when what was
         collected is a complete, error-free stream."""
@@ -95,6 +87,8 @@ class SseRelay:
         done = False
         try:
             async for chunk in self.held.head.chunks():
+                if done:  # the stream is over; what follows [DONE] is not part of it
+                    continue
                 pending += chunk
                 end = sse.complete_prefix(pending)
                 if not end:
@@ -103,27 +97,37 @@ class SseRelay:
                     continue
                 block, pending = pending[:end], pending[end:]
                 seen = sse.inspect(block)
+                if seen.usable:
+                    usable = block[: seen.usable]
+                    if collected is not None:
+                        collected.append(usable)
+                    await send({"type": "http.response.body", "body": usable, "more_body": True})
                 if not seen.well_formed:
-                    await self._forward_sound_prefix(send, block)
                     raise UpstreamFailure(ERROR, "an event whose data is not JSON")
                 clean = clean and not seen.carries_error
-                done = seen.ends_done
-                if collected is not None:
-                    collected.append(block)
-                await send({"type": "http.response.body", "body": block, "more_body": True})
+                done = seen.done
         except UpstreamFailure as failure:
-            self.held.failed(failure)
+            self.held.blame(endpoint_fault=failure.kind != TIMEOUT)
+            if done:  # it broke after [DONE]: the answer is whole
+                return collected is not None and clean
             log.warning(
                 "tier %s broke mid-stream: %s: %s", self.tier_name, failure.kind, failure.cause
             )
-            event = sse.error_event(_MID_STREAM)
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await self._end_with_error(send, _MID_STREAM)
+            return False
+        except Exception:  # a fault of the router's own: still a well-formed end
+            log.exception("relaying tier %s's stream failed", self.tier_name)
+            await self._end_with_error(send, _MID_STREAM)
             return False
         self.complete = True
-        if pending.strip() or not done:
-            # An unterminated last event, or no `[DONE]`: the answer may be cut short.
+        if not done:
+            # No `[DONE]` (an unterminated last event included): the answer may be cut short.
             log.warning("tier %s ended a stream without [DONE]", self.tier_name)
-            event = sse.error_event(_UNFINISHED)
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await self._end_with_error(send, _UNFINISHED)
             return False
         return collected is not None and clean
+
+    @staticmethod
+    async def _end_with_error(send: Send, message: str) -> None:
+        event = sse.error_event(message)
+        await send({"type": "http.response.body", "body": event, "more_body": True})

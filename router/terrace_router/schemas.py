@@ -89,6 +89,12 @@ def validate(kind: str, payload: Any) -> None:
         raise bad_request(
             f"Invalid value for '{param}': {err['msg']}.", param, "invalid_value"
         ) from None
+    if kind == "chat" and payload.get("top_logprobs") is not None and not payload.get("logprobs"):
+        raise bad_request(
+            "Invalid value for 'top_logprobs': only allowed when 'logprobs' is true.",
+            "top_logprobs",
+            "invalid_value",
+        )
     if payload.get("stream_options") is not None and payload.get("stream") is not True:
         raise bad_request(
             "Invalid value for 'stream_options': only allowed when 'stream' is true.",

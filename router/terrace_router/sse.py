@@ -62,31 +62,32 @@ def data_fields(block: bytes) -> list[bytes]:
 class Inspection:
     """What a block of whole events holds, as the relay and the cache need it."""
 
-    well_formed: bool  # every event's data is a JSON object or `[DONE]`
-    carries_error: bool  # an event is an in-band error (`{"error": ...}`)
-    ends_done: bool  # the last event is OpenAI's `data: [DONE]`
+    usable: int  # bytes of the block to relay: its events up to the first bad one, or to [DONE]
+    well_formed: bool  # False: the event after `usable` has data that is not a JSON object
+    carries_error: bool  # an event within `usable` is an in-band error (`{"error": ...}`)
+    done: bool  # `usable` ends with OpenAI's `data: [DONE]`
 
 
 def inspect(block: bytes) -> Inspection:
-    """Inspect a block of whole events (events without data, such as
-    comments used as keep-alives, are fine)."""
-    well_formed = True
+    """Inspect a block of whole events, event by event. Events without data
+    (comments used as keep-alives, `retry:`) are fine; nothing after
+    `[DONE]` belongs to the stream."""
+    offset = 0
     error = False
-    fields = data_fields(block)
-    for data in fields:
-        if data.strip() == b"[DONE]":
-            continue
-        try:
-            parsed: Any = json.loads(data)
-        except ValueError:
-            well_formed = False
-            continue
-        if not isinstance(parsed, dict):
-            well_formed = False
-        elif "error" in parsed:
-            error = True
-    done = bool(fields) and fields[-1].strip() == b"[DONE]"
-    return Inspection(well_formed, error, done)
+    for event in split_events(block):
+        end = offset + len(event)
+        for data in data_fields(event):
+            if data.strip() == b"[DONE]":
+                return Inspection(end, True, error, True)
+            try:
+                parsed: Any = json.loads(data)
+            except (ValueError, RecursionError):
+                return Inspection(offset, False, error, False)
+            if not isinstance(parsed, dict):
+                return Inspection(offset, False, error, False)
+            error = error or "error" in parsed
+        offset = end
+    return Inspection(offset, True, error, False)
 
 
 def error_event(message: str, type_: str = "server_error", code: str | None = None) -> bytes:

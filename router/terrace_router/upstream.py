@@ -151,6 +151,18 @@ class Head:
         self._resp.close()
 
 
+async def healthy(
+    session: aiohttp.ClientSession, target: URL, timeout: aiohttp.ClientTimeout
+) -> bool:
+    """Whether a GET of `target` answers 200 (a health check; never raises)."""
+    try:
+        async with session.get(target, timeout=timeout, allow_redirects=False) as resp:
+            await resp.read()
+            return resp.status == 200
+    except (TimeoutError, aiohttp.ClientError):
+        return False
+
+
 async def send(
     session: aiohttp.ClientSession,
     method: str,

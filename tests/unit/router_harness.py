@@ -51,6 +51,7 @@ class StubControl:
     logprob: float = -0.05  # per sampled token, when logprobs are asked for
     token_delay: float = 0.0  # between streamed tokens
     stream_error: bool = False  # end streams with an in-band error event
+    healthy: bool = True  # GET /v1/models and /v2/health/ready answer 200 (else 500)
     streams_completed: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
     inflight: int = 0
@@ -151,6 +152,11 @@ def stub_app(ctl: StubControl) -> Starlette:
         yield "data: [DONE]\n\n"
         ctl.streams_completed += 1
 
+    async def health(request: Request) -> Response:
+        if not ctl.healthy:
+            return JSONResponse({"error": {"message": "broken", "type": "server_error"}}, 500)
+        return JSONResponse({"object": "list", "data": [{"id": ctl.name, "object": "model"}]})
+
     async def v2_model(request: Request) -> Response:
         return JSONResponse(
             {
@@ -184,6 +190,8 @@ def stub_app(ctl: StubControl) -> Starlette:
         routes=[
             Route("/v1/chat/completions", openai_endpoint, methods=["POST"]),
             Route("/v1/completions", openai_endpoint, methods=["POST"]),
+            Route("/v1/models", health, methods=["GET"]),
+            Route("/v2/health/ready", health, methods=["GET"]),
             Route("/v2/models/{name}", v2_model, methods=["GET"]),
             Route("/v2/models/{name}/infer", v2_infer, methods=["POST"]),
         ]

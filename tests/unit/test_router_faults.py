@@ -289,20 +289,173 @@ def test_a_client_that_leaves_stops_the_upstream(faulty, kind):
     assert any(dict(k).get("status") == "499" for k in left), left
 
 
-def test_request_errors_never_eject_a_tier_that_serves_others(stubs, servers):
+@pytest.mark.parametrize("quiet", [False, True])
+def test_request_errors_never_eject_a_healthy_tier(stubs, servers, quiet):
     """LiteLLM's cooldown bug: caller-controlled failures took a healthy
-    deployment out of service. Here 500s caused by bad requests, between
-    good answers, never eject the endpoint."""
+    deployment out of service. Here 500s caused by bad requests, on a busy
+    tier or a quiet one (no success for longer than ejectSeconds), never
+    eject the endpoint: it passes the health check they trigger."""
     small = stubs["small"][0]
     cfg = make_config(stubs, thresholds=[2.0])
-    cfg["tiers"][0]["ejectAfterFailures"] = 2
+    cfg["tiers"][0].update(ejectAfterFailures=2, ejectSeconds=0.2)
     url = serve_router(servers, cfg)
     c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
-    assert c.chat.completions.with_raw_response.create(**CHAT).headers["x-terrace-tier"] == "small"
+    if not quiet:
+        assert (
+            c.chat.completions.with_raw_response.create(**CHAT).headers["x-terrace-tier"] == "small"
+        )
+    time.sleep(0.3)  # past ejectSeconds: no recent success to lean on
     small.mode = "fail"  # answers 500 to what follows, as to a poisoned request
     for _ in range(5):
         with pytest.raises(openai.InternalServerError):
             c.chat.completions.create(**CHAT)
+        time.sleep(0.05)  # let the health check it may have started answer
     small.mode = "ok"
     raw = c.chat.completions.with_raw_response.create(**{**CHAT, "model": "auto"})
     assert raw.headers["x-terrace-tier"] == "small" and "x-terrace-escalated" not in raw.headers
+
+
+def test_an_endpoint_that_fails_its_health_check_too_is_ejected(stubs, servers):
+    small = stubs["small"][0]
+    small.mode, small.healthy = "fail", False
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0].update(ejectAfterFailures=2, ejectSeconds=60)
+    url = serve_router(servers, cfg)
+    c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            c.chat.completions.create(**CHAT)
+    deadline = time.monotonic() + 5
+    while True:  # the check runs beside the requests: poll for its verdict
+        try:
+            c.chat.completions.create(**CHAT)
+        except openai.APIStatusError as exc:
+            if exc.status_code == 503 and "no reachable endpoint" in exc.message:
+                break
+        assert time.monotonic() < deadline, "never ejected"
+        time.sleep(0.05)
+
+
+# -- answers no well-behaved upstream gives, and clients' odd bodies -----------
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+def _raw_upstream(servers, answer: Callable[[socket.socket], None]) -> RawTier:
+    def handler(conn: socket.socket, n: int) -> None:
+        while read_request(conn) is not None:
+            answer(conn)
+
+    raw = RawTier(handler).start()
+    servers.append(raw)
+    return raw
+
+
+def test_a_deeply_nested_answer_is_a_malformed_one(stubs, servers):
+    body = ('{"choices": [{"index": 0, "message": {"content": "x"}}], "x": ' + DEEP + "}").encode()
+    raw = _raw_upstream(servers, lambda c: _respond(c, "200 OK", _JSON, body))
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["endpoints"] = [raw.url]
+    url = serve_router(servers, cfg)
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json=CHAT, timeout=30)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "bad_gateway"
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json={**CHAT, "model": "auto"})
+    assert r.status_code == 200 and r.headers["x-terrace-tier"] == "large"
+
+
+def test_a_deeply_nested_event_ends_the_stream_in_band(stubs, servers):
+    event = b'data: {"x": ' + DEEP.encode() + b"}\n\n"
+    raw = _raw_upstream(servers, lambda c: (_chunked_sse(c, _GOOD_EVENT + event), c.close()))
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["endpoints"] = [raw.url]
+    url = serve_router(servers, cfg)
+    c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    texts = []
+    with pytest.raises(openai.APIError) as exc:
+        for chunk in c.chat.completions.create(**CHAT, stream=True):
+            texts.append(chunk.choices[0].delta.content)
+    assert texts == ["partial"] and "mid-stream" in exc.value.message
+    _no_leak(url)
+
+
+def test_nothing_after_done_is_relayed(stubs, servers):
+    payload = _GOOD_EVENT + b"data: [DONE]\n\n" + _GOOD_EVENT + b"data: [DONE]\n\n"
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            + f"content-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+
+    raw = _raw_upstream(servers, answer)
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["endpoints"] = [raw.url]
+    url = serve_router(servers, cfg)
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", headers=AUTH, json={**CHAT, "stream": True}
+    ) as r:
+        body = r.read()
+    assert body == _GOOD_EVENT + b"data: [DONE]\n\n"  # one whole stream, no error event after
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "x": ' + DEEP + "}",
+        '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "x": 1e999}',
+        '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "x": -Infinity}',
+    ],
+)
+def test_bodies_python_would_read_but_json_cannot_carry_are_400s(stubs, servers, body):
+    url = serve_router(servers, make_config(stubs))
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        content=body.encode(),
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert stubs["small"][0].requests == [] and stubs["large"][0].requests == []
+
+
+def test_echo_on_auto_is_not_broken_by_the_confidence_check(stubs, servers):
+    url = serve_router(servers, make_config(stubs, thresholds=[2.0]))
+    r = httpx.post(
+        url + "/v1/completions",
+        headers=AUTH,
+        json={"model": "auto", "prompt": "hello", "max_tokens": 3, "echo": True},
+    )
+    assert r.status_code == 200 and r.headers["x-terrace-tier"] == "small"
+    sent = stubs["small"][0].requests[-1]
+    assert sent["echo"] is True and "logprobs" not in sent  # nothing added that echo refuses
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        headers=AUTH,
+        json={**CHAT, "model": "auto", "top_logprobs": 2},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_mixed_backpressure_keeps_each_upstreams_word(stubs, servers):
+    def busy(status: str, retry_after: str | None) -> RawTier:
+        headers = dict(_JSON, **({"retry-after": retry_after} if retry_after else {}))
+        body = json.dumps({"error": {"message": f"{status} here"}}).encode()
+        return _raw_upstream(servers, lambda c: _respond(c, status, headers, body))
+
+    small = busy("503 Service Unavailable", "5")
+    large = busy("429 Too Many Requests", "30")
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["endpoints"] = [small.url]
+    cfg["tiers"][1]["endpoints"] = [large.url]
+    url = serve_router(servers, cfg)
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json={**CHAT, "model": "auto"})
+    err = r.json()["error"]
+    assert r.status_code == 429 and r.headers["retry-after"] == "30"
+    assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert "answered 503 (503 Service Unavailable here)" in err["message"]
+    # The last tier gave no Retry-After: the one the other tier gave is kept.
+    quiet = busy("503 Service Unavailable", None)
+    cfg["tiers"][1]["endpoints"] = [quiet.url]
+    url = serve_router(servers, cfg)
+    r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json={**CHAT, "model": "auto"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"

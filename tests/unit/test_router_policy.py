@@ -138,7 +138,7 @@ def test_ejection_after_consecutive_failures_and_probe_after_cooldown():
     pool = _pool(n=2, eject_after=2, eject_seconds=10.0)
     bad, good = pool.endpoints
     pool.failed(bad, 0.0)
-    pool.succeeded(bad, 0.5)  # a success in between resets the streak
+    pool.succeeded(bad)  # a success in between resets the streak
     pool.failed(bad, 11.0)
     assert bad.ejected_until == 0.0
     pool.failed(bad, 12.0)
@@ -153,19 +153,23 @@ def test_ejection_after_consecutive_failures_and_probe_after_cooldown():
     assert bad.ejected_until == 33.0
 
 
-def test_failures_a_request_can_cause_never_eject_an_endpoint_that_serves_others():
+def test_failures_a_request_can_cause_only_make_an_endpoint_a_suspect():
     pool = _pool(n=1, eject_after=2, eject_seconds=10.0)
     (ep,) = pool.endpoints
-    pool.succeeded(ep, 100.0)
-    for t in (101.0, 102.0, 103.0, 104.0):  # bad requests: 500s, timeouts
-        pool.failed(ep, t, endpoint_fault=False)
-    assert ep.ejected_until == 0.0 and ep.failures == 0
-    # With no success for a whole eject window they count: a broken endpoint goes.
-    pool.failed(ep, 111.0, endpoint_fault=False)
-    pool.failed(ep, 112.0, endpoint_fault=False)
-    assert ep.ejected_until == 122.0
-    # Endpoint faults (refused, reset, 502/503/504) always count.
-    pool.succeeded(ep, 200.0)
+    assert not pool.suspect(ep)  # a 500 or a read timeout: one is nothing
+    assert pool.suspect(ep)  # enough in a row: ask the endpoint itself
+    assert not pool.suspect(ep)  # one health check at a time
+    assert ep.ejected_until == 0.0 and ep.failures == 0  # still serving meanwhile
+    ep.checking = False
+    pool.succeeded(ep)  # the check passed: the requests were at fault
+    assert ep.suspicions == 0 and ep.ejected_until == 0.0
+    pool.suspect(ep)
+    assert pool.suspect(ep)
+    ep.checking = False
+    pool.check_failed(ep, 100.0)  # the check failed too: the endpoint is at fault
+    assert ep.ejected_until == 110.0
+    # Endpoint faults (refused, reset, 502/503/504) count at once.
+    pool.succeeded(ep)
     pool.failed(ep, 200.5)
     pool.failed(ep, 201.0)
     assert ep.ejected_until == 211.0

@@ -89,18 +89,27 @@ def test_a_stream_cut_anywhere_relays_only_whole_events(stream, cut_at, cuts):
 
 def test_inspection_finds_errors_done_and_junk():
     ok = b'data: {"choices": []}\n\ndata: [DONE]\n\n'
-    assert sse.inspect(ok) == sse.Inspection(True, False, True)
+    assert sse.inspect(ok) == sse.Inspection(len(ok), True, False, True)
     assert sse.inspect(b'data: {"error": {"message": "x"}}\n\n').carries_error
-    assert not sse.inspect(b"data: {not json\n\n").well_formed
+    good = b'data: {"a": 1}\n\n'
+    assert sse.inspect(good + b"data: {not json\n\n") == sse.Inspection(
+        len(good), False, False, False
+    )
     assert not sse.inspect(b"data: [1, 2]\n\n").well_formed
-    assert sse.inspect(b": ping\n\n") == sse.Inspection(True, False, False)
+    assert sse.inspect(b": ping\n\n") == sse.Inspection(8, True, False, False)
+    # Nothing after [DONE] belongs to the stream.
+    assert sse.inspect(ok + good).usable == len(ok)
     assert sse.split_events(b"data: a\r\n\r\ndata: b\n\n") == [b"data: a\r\n\r\n", b"data: b\n\n"]
 
 
 # -- request validators -------------------------------------------------------
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
     ),
