@@ -175,6 +175,9 @@ def create_app(
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
     )
+    # `/v1/completions/` is an unknown path (404 in the protocol's shape), not
+    # a 307 with an empty body that clients do not follow for a POST.
+    app.router.redirect_slashes = False
     app.state.holder = holder
     app.state.metrics = metrics
     app.state.watcher = watcher

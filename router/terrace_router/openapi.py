@@ -186,6 +186,12 @@ def document(version: str) -> dict[str, Any]:
             "parameters": _NAME + _VERSION,
             **_v2("post", "Inference on a model version", body=True),
         },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "Process liveness",

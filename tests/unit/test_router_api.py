@@ -728,6 +728,8 @@ def test_non_json_numbers_and_unknown_paths_get_each_protocols_error(stubs, serv
     assert r.status_code == 405 and isinstance(r.json()["error"], str)
     r = httpx.get(url + "/v1/nonsense", headers=auth)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.post(url + "/v1/chat/completions/", headers=auth, content=body)  # no 307
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
 def test_a_401_drains_a_large_body_so_the_client_reads_it(stubs, servers):
