@@ -121,9 +121,12 @@ class SseRelay:
             return False
         self.complete = True
         if not done:
-            # No `[DONE]` (an unterminated last event included): the answer may be cut short.
-            log.warning("tier %s ended a stream without [DONE]", self.tier_name)
-            await self._end_with_error(send, _UNFINISHED)
+            # No `[DONE]` (an unterminated last event included): the answer may
+            # be cut short. An upstream that said so itself (an in-band error,
+            # as Terrace's runtime and vLLM end a failed stream) is not echoed.
+            if clean or pending.strip():
+                log.warning("tier %s ended a stream without [DONE]", self.tier_name)
+                await self._end_with_error(send, _UNFINISHED)
             return False
         return collected is not None and clean
 

@@ -104,6 +104,13 @@ class Tokenizer(Protocol):
     def render_chat(self, messages: list[dict[str, Any]]) -> str: ...
 
 
+# Temperatures below this decode greedily (vLLM's _SAMPLING_EPS). Dividing by
+# a tinier one overflows: logits / 1e-38 is -inf for every token but the top
+# one (and NaN for all of them in float32), and the tempered distribution is
+# the argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -113,6 +120,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's plus k alternatives
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -150,25 +161,58 @@ class Sequence_:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
+    """Log-probabilities along the last axis, stable for any finite logits:
+    the max is subtracted first, so exp never overflows and the sum is >= 1
+    (a difference that overflows is -inf, a probability of 0)."""
+    peak = logits.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        shifted = logits - peak
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def choose_token(logprobs: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0, else sample from the tempered, top-p-truncated distribution."""
-    if params.temperature <= 0:
+    """Greedy below GREEDY_BELOW, else sample from the tempered,
+    top-p-truncated distribution. `logprobs` are finite or -inf (masked).
+
+    Numerically safe: in float64, a float32 logprob over a temperature of at
+    least GREEDY_BELOW is finite (or -inf), the max is subtracted so the
+    largest exponent is 0 and the sum is at least 1: no NaN, no inf."""
+    if params.greedy:
         return int(np.argmax(logprobs))
-    scaled = logprobs / params.temperature
+    scaled = np.asarray(logprobs, dtype=np.float64) / params.temperature
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
     if params.top_p < 1.0:
-        order = np.argsort(-probs)
+        # The most likely tokens whose mass first reaches top_p (at least one).
+        order = np.argsort(-probs, kind="stable")
         cumulative = np.cumsum(probs[order])
         keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
         mask = np.zeros_like(probs)
         mask[keep] = probs[keep]
         probs = mask / mask.sum()
     return int(rng.choice(len(probs), p=probs))
+
+
+def sample_row(scores: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> TokenEvent:
+    """One sequence's next token from its logits (finite, or -inf where masked),
+    with its log-probability and the `params.logprobs` most likely alternatives
+    (the model's own distribution, before temperature and top-p)."""
+    if params.greedy:
+        # The logits' own argmax: rounding in log_softmax may tie near-equal ones.
+        token = int(scores.argmax())
+        if params.logprobs is None:  # nobody asked: the argmax is all it takes
+            return TokenEvent(token, math.nan)
+        row_logprobs = log_softmax(scores)
+    else:
+        row_logprobs = log_softmax(scores)
+        token = choose_token(row_logprobs, params, rng)
+    top: tuple[tuple[int, float], ...] = ()
+    k = params.logprobs
+    if k:
+        best = np.argpartition(-row_logprobs, k)[:k]
+        best = best[np.argsort(-row_logprobs[best])]
+        top = tuple((int(t), float(row_logprobs[t])) for t in best)
+    return TokenEvent(token, float(row_logprobs[token]), top)
 
 
 def find_stop(generated: bytes, stops: Sequence[bytes]) -> int | None:
@@ -490,23 +534,9 @@ class GenerationEngine:
         events = []
         for row, seq in enumerate(batch):
             scores = logits[row]
-            params = seq.params
-            if params.ignore_eos:
+            if seq.params.ignore_eos:
                 scores[list(self.tokenizer.eos_ids)] = -np.inf
-            if params.temperature <= 0 and params.logprobs is None:
-                # Greedy, and nobody asked for logprobs: the argmax is all it takes.
-                events.append(TokenEvent(int(scores.argmax()), math.nan))
-                continue
-            peak = scores.max()
-            row_logprobs = scores - (peak + np.log(np.exp(scores - peak).sum()))
-            token = choose_token(row_logprobs, params, seq.rng)
-            top: tuple[tuple[int, float], ...] = ()
-            k = params.logprobs
-            if k:
-                best = np.argpartition(-row_logprobs, k)[:k]
-                best = best[np.argsort(-row_logprobs[best])]
-                top = tuple((int(t), float(row_logprobs[t])) for t in best)
-            events.append(TokenEvent(token, float(row_logprobs[token]), top))
+            events.append(sample_row(scores, seq.params, seq.rng))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         self._step_seconds = 0.8 * self._step_seconds + 0.2 * wall
         joules = self._metrics.observe_batch(len(batch), wall, cpu)

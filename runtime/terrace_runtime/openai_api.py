@@ -1,5 +1,6 @@
 """OpenAI-compatible text generation: /v1/completions, /v1/chat/completions
-(streaming as server-sent events ending `data: [DONE]`), /v1/models and
+(streaming as server-sent events ending `data: [DONE]`, or, when generation
+fails mid-way, with an in-band error event and no `[DONE]`), /v1/models and
 /v1/models/{model}.
 
 Request bodies are validated by `openai_requests` (null is the default,
@@ -169,6 +170,29 @@ def _check_model(state: RuntimeState, model: str) -> GenerationEngine:
     return state.engine
 
 
+def _fits_the_queue(engine: GenerationEngine, prompts: int, n: int) -> None:
+    """A request's sequences (prompts x n) must fit in the queue when it is
+    empty: more can never be queued, so that is a 400 naming the field, not
+    a 429 whose retry can never succeed."""
+    limit = engine.max_queue
+    if prompts > limit:
+        raise APIError(
+            400,
+            f"at most {limit} prompts per request (this runtime queues at most {limit} "
+            f"sequences, --max-queue); got {prompts}",
+            param="prompt",
+            code="invalid_value",
+        )
+    if prompts * n > limit:
+        raise APIError(
+            400,
+            f"prompts x n must be at most {limit} (this runtime queues at most {limit} "
+            f"sequences, --max-queue); got {prompts} x {n} = {prompts * n}",
+            param="n",
+            code="invalid_value",
+        )
+
+
 def _queue_all(
     engine: GenerationEngine, prompts: list[list[int]], n: int, params: SamplingParams
 ) -> list[_Choice]:
@@ -265,7 +289,14 @@ def _sse(data: Any) -> str:
     return f"data: {dumps(data).decode()}\n\n"
 
 
+# The end of a whole stream. A stream that breaks ends with an error event
+# instead: a [DONE] after it would pretend the answer is complete (the
+# router ends a broken stream the same way).
+DONE = "data: [DONE]\n\n"
+
+
 def _stream_error(err: Exception) -> str:
+    """The in-band error event that ends a stream broken mid-way."""
     message = str(err) or type(err).__name__
     return _sse(
         {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
@@ -324,11 +355,18 @@ def chat_logprobs(tok: Tokenizer, events: list[TokenEvent]) -> dict[str, Any]:
 
 async def _parse(request: Request, model_cls: type[R]) -> R:
     try:
-        return parse(model_cls, await json_body(request))
+        return parse(model_cls, await json_body(request, exact_integers=True))
     except BadBody as exc:
         raise APIError(exc.status, str(exc)) from None
     except InvalidRequest as exc:
         raise APIError(400, exc.message, param=exc.param, code=exc.code) from None
+
+
+def _prompt_count(prompt: Any) -> int:
+    """How many prompts `prompt` holds: a text or one list of token ids is one."""
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
 
 
 def _prompts(req: CompletionRequest, tok: Tokenizer) -> tuple[list[str | None], list[list[int]]]:
@@ -346,9 +384,16 @@ def _prompts(req: CompletionRequest, tok: Tokenizer) -> tuple[list[str | None], 
 
 
 def _ids(ids: list[int], tok: Tokenizer, param: str) -> list[int]:
-    """Token-id prompts get the beginning-of-sequence token the model expects."""
-    if any(not 0 <= i < tok.vocab_size for i in ids):
-        raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param=param)
+    """Token-id prompts get the beginning-of-sequence token the model expects.
+    An id outside the vocabulary is a 400 naming it (`prompt.[2]`)."""
+    for at, i in enumerate(ids):
+        if not 0 <= i < tok.vocab_size:
+            raise APIError(
+                400,
+                f"Invalid value for '{param}.[{at}]': token ids must be in [0, {tok.vocab_size}).",
+                param=f"{param}.[{at}]",
+                code="invalid_value",
+            )
     bos = tok.encode("")
     return ids if not bos or ids[:1] == bos[:1] else [*bos[:1], *ids]
 
@@ -361,7 +406,7 @@ def _max_tokens(state: RuntimeState, value: int | None, param: str, default: int
     limit = state.settings.max_tokens_limit
     value = value if value is not None else min(default, limit)
     if value > limit:
-        raise APIError(400, f"{param} must be at most {limit}", param=param)
+        raise APIError(400, f"{param} must be at most {limit}", param=param, code="invalid_value")
     return value
 
 
@@ -370,6 +415,7 @@ async def completions(request: Request) -> Response:
     try:
         req: CompletionRequest = await _parse(request, CompletionRequest)
         engine = _check_model(state, req.model)
+        _fits_the_queue(engine, _prompt_count(req.prompt), req.n)
         tok = engine.tokenizer
         texts, prompts = _prompts(req, tok)
         params = SamplingParams(
@@ -434,10 +480,10 @@ async def completions(request: Request) -> Response:
                     yield _sse(
                         {**base, "choices": [], "usage": _usage(choices, len(prompts), req.n)}
                     )
-            except Exception as exc:  # mid-stream failure: say so in-band
+                yield DONE
+            except Exception as exc:  # mid-stream failure: say so in-band, and no [DONE]
                 state.metrics.error("inference")
                 yield _stream_error(exc)
-            yield "data: [DONE]\n\n"
 
         return _sse_response(stream())
 
@@ -471,6 +517,7 @@ async def chat_completions(request: Request) -> Response:
     try:
         req: ChatRequest = await _parse(request, ChatRequest)
         engine = _check_model(state, req.model)
+        _fits_the_queue(engine, 1, req.n)
         tok = engine.tokenizer
         prompt = tok.encode(render_chat(tok, req.messages))
         top = req.top_logprobs if req.top_logprobs is not None else 0
@@ -552,10 +599,10 @@ async def chat_completions(request: Request) -> Response:
                         )
                 if req.include_usage:
                     yield _sse({**base, "choices": [], "usage": _usage(choices, 1, req.n)})
-            except Exception as exc:
+                yield DONE
+            except Exception as exc:  # mid-stream failure: say so in-band, and no [DONE]
                 state.metrics.error("inference")
                 yield _stream_error(exc)
-            yield "data: [DONE]\n\n"
 
         return _sse_response(stream())
 

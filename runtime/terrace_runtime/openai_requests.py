@@ -197,7 +197,9 @@ class Message(_Body):
     """One chat message; tool calls and audio are not served."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(min_length=1)] | None = Field(
+        default=None, description="A string, null, or at least one text part."
+    )
     name: str | None = None
     refusal: str | None = None
     tool_call_id: str | None = None
@@ -293,12 +295,21 @@ def param_path(body: Any, loc: tuple[int | str, ...], missing: bool = False) -> 
     return parts
 
 
+def _is_type_error(kind: str) -> bool:
+    return kind.endswith("_type")
+
+
 def _describe(body: Any, exc: ValidationError) -> InvalidRequest:
-    """The most specific of pydantic's errors (the deepest path: inside a
-    union, the member that got furthest) as OpenAI would word it."""
+    """The most specific of pydantic's errors as OpenAI would word it: the
+    deepest path (inside a union, the member that got furthest), and at the
+    same depth a value error before a type error (the member whose type the
+    value has: `[-1]` is a list of ints out of range, not a bad string)."""
     errors = exc.errors(include_url=False)
     paths = [param_path(body, e["loc"], e["type"] == "missing") for e in errors]
-    best = max(range(len(errors)), key=lambda i: (len(paths[i]), -i))
+    best = max(
+        range(len(errors)),
+        key=lambda i: (len(paths[i]), not _is_type_error(errors[i]["type"]), -i),
+    )
     err, param = errors[best], (".".join(paths[best]) if paths[best] else None)
     kind = err["type"]
     if kind == "missing":
@@ -313,7 +324,7 @@ def _describe(body: Any, exc: ValidationError) -> InvalidRequest:
             param,
             "unsupported_parameter",
         )
-    code = "invalid_type" if kind.endswith("_type") else "invalid_value"
+    code = "invalid_type" if _is_type_error(kind) else "invalid_value"
     return InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param, code)
 
 

@@ -1,9 +1,10 @@
 """The runtime's OpenAPI 3.1 document, served at GET /openapi.json.
 
-`document(settings)` describes every endpoint a client calls: the OpenAI API
-(/v1/completions, /v1/chat/completions, /v1/models, /v1/models/{model}) and
+`document(settings)` describes every endpoint the runtime serves: the OpenAI
+API (/v1/completions, /v1/chat/completions, /v1/models, /v1/models/{model}),
 KServe's Open Inference Protocol v2 (/v2, health, model metadata and
-readiness, infer). The OpenAI request schemas are the pydantic request
+readiness, infer), and the process's own /healthz, /readyz, /metrics and
+/openapi.json. The OpenAI request schemas are the pydantic request
 models' own (`model_json_schema`), so the document and the validation cannot
 drift apart; answers are described by hand. Errors: OpenAI's envelope under
 /v1, `{"error": "<message>"}` under /v2. Each operation lists every status
@@ -88,7 +89,8 @@ def _completion(object_: str, choice: Schema, *, chunk: bool) -> Schema:
 
 
 def _events(chunk: str) -> Schema:
-    """One server-sent event of a stream: a JSON chunk, an in-band error, or `[DONE]`."""
+    """One server-sent event of a stream: a JSON chunk, `[DONE]` (the end of a
+    whole stream), or an in-band error (the end of a broken one: no `[DONE]`)."""
     return _obj(
         ["data"],
         data={
@@ -149,6 +151,8 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     "ServerMetadata": _obj(name=STRING, version=STRING, extensions=_array(STRING)),
     "Live": _obj(live=BOOLEAN),
     "Ready": _obj(["ready"], name=STRING, ready=BOOLEAN, reason=STRING),
+    "Healthz": _obj(status={"const": "ok"}),
+    "Readyz": _obj(["status"], status={"enum": ["ready", "loading", "failed"]}, reason=STRING),
     "TensorMetadata": _obj(name=STRING, datatype={"enum": DATATYPES}, shape=_array(INTEGER)),
     "ModelMetadata": _obj(
         name=STRING,
@@ -195,7 +199,8 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
 }
 
 OPENAI_STATUS = {
-    400: "Invalid request: the envelope's `param` names the field.",
+    400: "Invalid request: the envelope's `param` names the field (also a request of "
+    "more sequences, prompts x n, than the runtime can ever queue: `prompt` or `n`).",
     404: "Another model's name.",
     413: "The body is over 64 MiB.",
     429: "The queue is full; retry after `Retry-After` seconds.",
@@ -240,7 +245,8 @@ def _generation(summary: str, request: str, answer: str) -> dict[str, Any]:
             "responses": {
                 "200": {
                     "description": "The answer; with `stream: true`, server-sent events "
-                    "(`data: {chunk}` per token, then `data: [DONE]`).",
+                    "(`data: {chunk}` per token, then `data: [DONE]`; a stream that fails "
+                    "mid-way ends with a `data: {error}` event instead, without `[DONE]`).",
                     "content": {
                         **_json(answer),
                         "text/event-stream": {"schema": _ref(f"{answer}Event")},
@@ -320,6 +326,37 @@ def _request_schemas(settings: ServeSettings) -> dict[str, Schema]:
     return schemas
 
 
+def _probe_paths() -> dict[str, Any]:
+    """The process's own endpoints: probes, metrics and this document."""
+    not_ready = {"description": "Not ready; `reason` says why.", "content": _json("Readyz")}
+    return {
+        "/healthz": _get("Liveness (for probes that prefer /healthz)", "Healthz", {}),
+        "/readyz": _get("Readiness (for probes that prefer /readyz)", "Readyz", {"503": not_ready}),
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "The text exposition format.",
+                        "content": {"text/plain": {"schema": STRING}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI 3.1 document.",
+                        "content": {"application/json": {"schema": OBJECT}},
+                    }
+                },
+            }
+        },
+    }
+
+
 def document(settings: ServeSettings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of a runtime serving `settings` (JSON-ready)."""
     model = "The model's name (`--name`)."
@@ -349,6 +386,7 @@ def document(settings: ServeSettings) -> dict[str, Any]:
             **_oip_model_paths(
                 "/v2/models/{name}/versions/{version}", name=model, version="Only `1`."
             ),
+            **_probe_paths(),
         },
         "components": {"schemas": {**_request_schemas(settings), **RESPONSE_SCHEMAS}},
     }

@@ -229,6 +229,29 @@ def test_seeded_sampling_repeats_and_seeds_differ(servers):
     assert len({sample(s) for s in (1, 2, 3)}) > 1
 
 
+@pytest.mark.parametrize("kind", ["onnx", "torch"])
+def test_any_temperature_in_range_is_served(servers, kind):
+    """A tiny temperature (OpenAI's range is 0-2) once failed with "Probabilities
+    contain NaN": below 1e-5 it decodes greedily, so it answers what 0 does."""
+    url = servers[kind].url + "/v1/completions"
+
+    def text(**body: Any) -> str:
+        r = httpx.post(
+            url,
+            json={"model": MODEL[kind], "prompt": FEW_SHOT, "max_tokens": 6, "seed": 3, **body},
+            timeout=120,
+        )
+        assert r.status_code == 200, (body, r.text)
+        return r.json()["choices"][0]["text"]
+
+    greedy = text(temperature=0)
+    for temperature in (1e-38, 1e-300, 5e-324):
+        assert text(temperature=temperature) == greedy
+        assert text(temperature=temperature, top_p=0.5, logprobs=2) == greedy
+    text(temperature=2.0)
+    text(temperature=2.0, top_p=1e-300)
+
+
 def test_concurrent_requests_each_get_their_own_answer(servers):
     """Sequences stepped together keep their own KV caches: each concurrent
     greedy answer equals the same prompt's answer alone."""

@@ -459,3 +459,25 @@ def test_mixed_backpressure_keeps_each_upstreams_word(stubs, servers):
     url = serve_router(servers, cfg)
     r = httpx.post(url + "/v1/chat/completions", headers=AUTH, json={**CHAT, "model": "auto"})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
+
+
+def test_an_upstreams_own_error_event_is_not_echoed(stubs, servers):
+    error = b'data: {"error": {"message": "out of memory", "type": "server_error"}}\n\n'
+
+    def answer(conn: socket.socket) -> None:
+        payload = _GOOD_EVENT + error  # and no [DONE]: the upstream ended a failed stream
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            + f"content-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+
+    raw = _raw_upstream(servers, answer)
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["endpoints"] = [raw.url]
+    url = serve_router(servers, cfg)
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", headers=AUTH, json={**CHAT, "stream": True}
+    ) as r:
+        body = r.read()
+    assert body == _GOOD_EVENT + error  # one error event: the upstream's own

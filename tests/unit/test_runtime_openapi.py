@@ -12,6 +12,7 @@ with this pytest.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -51,6 +52,10 @@ def test_the_document_describes_every_endpoint(runtime):
         ("/v2/models/{name}", "get"),
         ("/v2/models/{name}/ready", "get"),
         ("/v2/models/{name}/infer", "post"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+        ("/openapi.json", "get"),
     ]:
         assert method in paths[path], path
     completions = paths["/v1/completions"]["post"]["responses"]
@@ -64,6 +69,17 @@ def test_the_document_describes_every_endpoint(runtime):
     assert schemas["CompletionRequest"]["additionalProperties"] is False
     assert set(properties) == set(CompletionRequest.model_fields)
     assert set(schemas["ChatRequest"]["properties"]) == set(ChatRequest.model_fields)
+
+
+def test_every_served_route_is_in_the_document(runtime):
+    """What the app routes and what the document lists are the same set."""
+    served = {
+        (re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", route.path), method.lower())
+        for route in runtime.app.routes
+        for method in (route.methods or ()) - {"HEAD"}
+    }
+    documented = {(path, method) for path, ops in DOCUMENT["paths"].items() for method in ops}
+    assert served == documented
 
 
 schema = schemathesis.openapi.from_dict(DOCUMENT)

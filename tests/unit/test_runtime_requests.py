@@ -6,6 +6,11 @@ through a served byte-level model:
 - unknown fields are refused, unimplemented OpenAI fields pass only as no-ops;
 - bodies that are not a JSON object (or JSON at all) are 400s;
 - unknown paths and wrong methods answer in the path's protocol;
+- `invalid_type` only for the wrong JSON type, `invalid_value` for a value
+  out of range (integers of any size);
+- every temperature and top_p in range is served (tiny ones decode greedily);
+- a request of more sequences than the queue can ever hold is a 400;
+- a stream that breaks ends with an in-band error event and no `[DONE]`;
 - hypothesis: any JSON object validates or gives a 400 whose `param` is a
   real key path of the body, never a 500.
 """
@@ -18,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -182,6 +188,12 @@ BAD = [
         {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
         "messages.[0].content.[0].text",
     ),
+    (ChatRequest, {"messages": [{"role": "user", "content": []}]}, "messages.[0].content"),
+    (
+        ChatRequest,
+        {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": []}]},
+        "messages.[1].content",
+    ),
 ]
 
 
@@ -200,6 +212,98 @@ def test_bad_fields_over_http_are_400_in_the_envelope(runtime):
         assert set(error) == {"message", "type", "param", "code"}
         assert error["type"] == "invalid_request_error"
         assert error["param"] == param
+
+
+# The code says which kind of wrong: `invalid_type` only for the wrong JSON
+# type; a value of the right type that is out of range is `invalid_value`,
+# however large the integer (JSON has no integer limit; 10**30 is not a float).
+CODES = [
+    (CompletionRequest, {"max_tokens": 10**30}, "max_tokens", "invalid_value"),
+    (CompletionRequest, {"max_tokens": 4097}, "max_tokens", "invalid_value"),  # over the limit
+    (CompletionRequest, {"max_tokens": -(10**30)}, "max_tokens", "invalid_value"),
+    (CompletionRequest, {"max_tokens": "3"}, "max_tokens", "invalid_type"),
+    (CompletionRequest, {"max_tokens": 1e30}, "max_tokens", "invalid_type"),  # a float
+    (CompletionRequest, {"seed": 2**64}, "seed", "invalid_value"),
+    (CompletionRequest, {"seed": -(2**64)}, "seed", "invalid_value"),
+    (CompletionRequest, {"seed": 2**63}, "seed", "invalid_value"),
+    (CompletionRequest, {"n": 10**30}, "n", "invalid_value"),
+    (CompletionRequest, {"logprobs": 2**70}, "logprobs", "invalid_value"),
+    (CompletionRequest, {"temperature": 10**30}, "temperature", "invalid_value"),
+    (CompletionRequest, {"prompt": [-1]}, "prompt.[0]", "invalid_value"),
+    (CompletionRequest, {"prompt": [1, -(10**30)]}, "prompt.[1]", "invalid_value"),
+    (CompletionRequest, {"prompt": [259]}, "prompt.[0]", "invalid_value"),  # past the vocabulary
+    (CompletionRequest, {"prompt": [1, 10**30]}, "prompt.[1]", "invalid_value"),
+    (CompletionRequest, {"prompt": [[1], [2, 300]]}, "prompt.[1].[1]", "invalid_value"),
+    (CompletionRequest, {"prompt": [[1], [-2]]}, "prompt.[1].[0]", "invalid_value"),
+    (ChatRequest, {"max_completion_tokens": 10**30}, "max_completion_tokens", "invalid_value"),
+    (ChatRequest, {"max_completion_tokens": 4097}, "max_completion_tokens", "invalid_value"),
+    (ChatRequest, {"logprobs": True, "top_logprobs": 2**64}, "top_logprobs", "invalid_value"),
+    (ChatRequest, {"messages": [{"role": "user", "content": []}]}, "messages.[0].content",
+     "invalid_value"),
+    (ChatRequest, {"messages": [{"role": "user", "content": 5}]}, "messages.[0].content",
+     "invalid_type"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "fields", "param", "code"), CODES, ids=_id)
+def test_out_of_range_is_invalid_value_and_the_wrong_type_invalid_type(
+    runtime, model, fields, param, code
+):
+    r = httpx.post(runtime.url + ENDPOINT[model], json={**BASE[model], **fields}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+
+
+# Each integer field's range on the served runtime (max_tokens: the default limit).
+INT_RANGES = [
+    (CompletionRequest, "max_tokens", 1, 4096),
+    (CompletionRequest, "n", 1, 16),
+    (CompletionRequest, "seed", -(2**63), 2**63 - 1),
+    (CompletionRequest, "logprobs", 0, 5),
+    (ChatRequest, "max_completion_tokens", 1, 4096),
+    (ChatRequest, "top_logprobs", 0, 20),
+]
+
+
+def _outside(low: int, high: int) -> st.SearchStrategy[int]:
+    """Integers below `low` or above `high`, near the bounds and far past int64."""
+    return (
+        st.integers(max_value=low - 1)
+        | st.integers(min_value=high + 1)
+        | st.integers(min_value=2**63, max_value=10**300)
+        | st.integers(min_value=2**63, max_value=10**300).map(lambda i: -i)
+    ).filter(lambda i: not low <= i <= high)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data(), case=st.sampled_from(INT_RANGES))
+def test_any_integer_out_of_range_is_invalid_value(runtime, data, case):
+    model, name, low, high = case
+    value = data.draw(_outside(low, high))
+    body = {**BASE[model], name: value}
+    if name == "top_logprobs":
+        body["logprobs"] = True
+    r = httpx.post(runtime.url + ENDPOINT[model], json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (name, "invalid_value")
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ids=st.lists(st.integers(0, 258), max_size=3), bad=_outside(0, 258), at=st.integers(0, 3))
+def test_any_token_id_out_of_range_is_invalid_value_naming_it(runtime, ids, bad, at):
+    at = min(at, len(ids))
+    prompt = [*ids[:at], bad, *ids[at:]]
+    r = httpx.post(runtime.url + "/v1/completions", json={**COMPLETION, "prompt": prompt})
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (
+        f"prompt.[{at}]",
+        "invalid_value",
+    )
 
 
 # --- unknown and unimplemented fields --------------------------------------------
@@ -398,6 +502,146 @@ def test_sampled_token_joins_the_top_logprobs(runtime):
         lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
     ):
         assert top[token] == value and 1 <= len(top) <= 2
+
+
+# --- sampling at any temperature -----------------------------------------------------
+
+
+def _text(r: httpx.Response, chat: bool) -> str:
+    """The generated text of a one-choice answer, streamed or not."""
+    assert r.status_code == 200, r.text
+    if r.headers["content-type"].startswith("text/event-stream"):
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e)["choices"] for e in events[:-1]]
+        key = (lambda c: c["delta"].get("content", "")) if chat else (lambda c: c["text"])
+        return "".join(key(c) for choices in chunks for c in choices)
+    choice = r.json()["choices"][0]
+    return choice["message"]["content"] if chat else choice["text"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", [CompletionRequest, ChatRequest], ids=_id)
+@pytest.mark.parametrize("temperature", [1e-38, 1e-300, 5e-324, 1e-6, 1e-5, 0.7, 2.0])
+def test_every_temperature_in_range_is_served(runtime, temperature, model, stream):
+    """Tiny temperatures once failed with "Probabilities contain NaN"; below
+    1e-5 decoding is greedy, so the answer is temperature 0's."""
+    chat = model is ChatRequest
+    logprobs = {"logprobs": True, "top_logprobs": 2} if chat else {"logprobs": 2}
+    body = {**BASE[model], "max_tokens": 8, "seed": 5, "stream": stream, **logprobs}
+
+    def text(**fields: Any) -> str:
+        r = httpx.post(runtime.url + ENDPOINT[model], json={**body, **fields}, timeout=30)
+        return _text(r, chat)
+
+    answer = text(temperature=temperature)
+    if temperature < 1e-5:
+        assert answer == text(temperature=0)
+    # A top_p smaller than any token's probability keeps the most likely one.
+    assert text(temperature=temperature, top_p=1e-300) == text(temperature=0)
+
+
+# --- requests the queue can never hold --------------------------------------------------
+
+
+def test_more_sequences_than_the_queue_can_hold_is_a_400_naming_the_param(runtime):
+    """prompts x n over --max-queue can never be queued: a 400 saying the
+    limit (a 429 would invite retries that cannot succeed)."""
+    limit = runtime.settings.max_queue
+    assert limit == 256  # the default
+    queue_full = runtime.metric("terrace_runtime_errors_total", kind="queue_full")
+    for fields, param in [
+        ({"prompt": ["a"] * (limit + 1)}, "prompt"),
+        ({"prompt": [[65, 66]] * (limit + 1)}, "prompt"),
+        ({"prompt": ["a"] * (limit + 1), "n": 2}, "prompt"),
+        ({"prompt": ["a"] * 17, "n": 16}, "n"),
+        ({"prompt": [[65]] * 129, "n": 2}, "n"),
+    ]:
+        r = httpx.post(
+            runtime.url + "/v1/completions",
+            json={**COMPLETION, "max_tokens": 1, **fields},
+            timeout=30,
+        )
+        assert r.status_code == 400, (param, r.text)
+        assert "retry-after" not in r.headers
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == (param, "invalid_value")
+        assert str(limit) in error["message"]
+    assert runtime.metric("terrace_runtime_errors_total", kind="queue_full") == queue_full
+    # The limit itself fits an empty queue.
+    r = httpx.post(
+        runtime.url + "/v1/completions",
+        json={**COMPLETION, "prompt": ["a"] * 16, "n": 16, "max_tokens": 1},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == limit
+
+
+def test_chat_n_over_the_queue_is_a_400_naming_n(runtime, monkeypatch):
+    assert runtime.state.engine is not None
+    monkeypatch.setattr(runtime.state.engine, "max_queue", 3)
+    body = {**CHAT, "max_tokens": 1}
+    r = httpx.post(runtime.url + "/v1/chat/completions", json={**body, "n": 4}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("n", "invalid_value")
+    assert "3" in r.json()["error"]["message"]
+    r = httpx.post(runtime.url + "/v1/chat/completions", json={**body, "n": 3}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+    r = httpx.post(
+        runtime.url + "/v1/completions",
+        json={**COMPLETION, "prompt": ["a", "b", "c", "d"], "max_tokens": 1},
+        timeout=30,
+    )
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "prompt")
+
+
+# --- a stream that breaks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatRequest], ids=_id)
+def test_a_stream_that_fails_midway_ends_with_the_error_and_no_done(runtime, monkeypatch, model):
+    """As the router does: an in-band error event ends a broken stream; a
+    [DONE] after it would pretend the answer is whole."""
+    engine = runtime.state.engine
+    assert engine is not None
+    decoder = engine._decoder
+    real, steps = decoder.logits, []
+
+    def fails_on_the_fourth_step(batch: Any) -> Any:
+        steps.append(len(batch))
+        if len(steps) > 3:
+            raise RuntimeError("the model fell over")
+        return real(batch)
+
+    monkeypatch.setattr(decoder, "logits", fails_on_the_fourth_step)
+    logprobs = {"logprobs": True} if model is ChatRequest else {"logprobs": 0}
+    body = {**BASE[model], "max_tokens": 50, "ignore_eos": True, "stream": True, **logprobs}
+    r = httpx.post(runtime.url + ENDPOINT[model], json=body, timeout=30)
+    assert r.status_code == 200
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert "[DONE]" not in events
+    *chunks, last = [json.loads(e) for e in events]
+    assert last == {
+        "error": {
+            "message": "the model fell over",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    assert len(chunks) >= 3 and all("choices" in c for c in chunks)  # tokens came first
+    # The openai client raises instead of returning a cut-short answer as whole.
+    client = openai.OpenAI(base_url=runtime.url + "/v1", api_key="none", max_retries=0)
+    steps.clear()
+    create = client.chat.completions.create if model is ChatRequest else client.completions.create
+    args = {k: v for k, v in body.items() if k != "ignore_eos"}
+    with pytest.raises(openai.APIError, match="the model fell over"):
+        for _ in create(**args, extra_body={"ignore_eos": True}):
+            pass
+    monkeypatch.undo()  # the engine serves on
+    r = httpx.post(runtime.url + ENDPOINT[model], json={**body, "max_tokens": 3}, timeout=30)
+    assert r.text.endswith("data: [DONE]\n\n")
 
 
 # --- properties ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import hashlib
 import http.server
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from terrace_runtime.generation import (
     find_stop,
     log_softmax,
     safe_release,
+    sample_row,
 )
 from terrace_runtime.metrics import CpuPowerModel, RuntimeMetrics
 from terrace_runtime.quantize import quantize_int8, quantized_path
@@ -438,6 +440,53 @@ def test_sampling() -> None:
     assert picks == {1}
     picks = {choose_token(logprobs, SamplingParams(temperature=1), rng) for _ in range(200)}
     assert picks == {0, 1, 2}
+
+
+# Logits as a model's float32 output can be: any finite value, huge magnitudes
+# (float32's extremes), and ties (a few values drawn often).
+LOGIT = st.floats(width=32, allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [0.0, 1.0, -1.0, 1e30, -1e30, 3.4028235e38, -3.4028235e38]
+)
+TEMPERATURE = st.floats(0.0, 2.0) | st.sampled_from(
+    [0.0, 5e-324, 1e-300, 1e-38, 1e-6, 1e-5, 1e-3, 2.0]
+)
+TOP_P = st.floats(0.0, 1.0, exclude_min=True) | st.sampled_from([5e-324, 1e-300, 0.5, 1.0])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    logits=st.lists(LOGIT, min_size=1, max_size=40),
+    masked=st.sets(st.integers(0, 39)),
+    temperature=TEMPERATURE,
+    top_p=TOP_P,
+    logprobs=st.none() | st.integers(0, 5),
+    seed=st.integers(0, 2**32),
+)
+def test_sampling_is_numerically_safe_for_every_temperature_and_top_p(
+    logits: list[float],
+    masked: set[int],
+    temperature: float,
+    top_p: float,
+    logprobs: int | None,
+    seed: int,
+) -> None:
+    """Any temperature in [0, 2] and top_p in (0, 1] over any finite logits
+    (some masked to -inf, as padding and BOS are) gives a real, unmasked
+    token with a finite logprob: never "Probabilities contain NaN"."""
+    scores = np.array(logits, dtype=np.float32)
+    hidden = sorted(i for i in masked if i < len(scores))[: len(scores) - 1]
+    scores[hidden] = -np.inf
+    if logprobs is not None:
+        logprobs = min(logprobs, len(scores) - 1)  # alternatives come from the vocabulary
+    params = SamplingParams(temperature=temperature, top_p=top_p, logprobs=logprobs)
+    event = sample_row(scores.copy(), params, np.random.default_rng(seed))
+    assert 0 <= event.token_id < len(scores)
+    assert event.token_id not in hidden
+    if temperature < 1e-5:  # greedy below vLLM's epsilon
+        assert event.token_id == int(np.argmax(scores))
+    if logprobs is not None or temperature >= 1e-5:
+        assert math.isfinite(event.logprob) and event.logprob <= 1e-6
+        assert not any(math.isnan(lp) for _, lp in event.top)
 
 
 class CountingLM:
