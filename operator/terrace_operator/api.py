@@ -147,6 +147,7 @@ class TierRef(_Model):
     upstream_model: str | None = None
     max_inflight_per_endpoint: int = Field(default=64, ge=1, le=100000)
     timeout_seconds: int = Field(default=60, ge=1, le=3600)
+    activation_timeout_seconds: int = Field(default=5, ge=0, le=600)
 
 
 class Classifier(_Model):

@@ -408,6 +408,10 @@ def render_router_config(spec: TierRouterSpec, tiers: list[ResolvedTier]) -> Rou
                 upstream_model=ref.upstream_model or tier.spec.model.served_model_name,
                 max_inflight_per_endpoint=ref.max_inflight_per_endpoint,
                 read_timeout_seconds=float(ref.timeout_seconds),
+                # Only a tier that can sleep is waited for.
+                activation_timeout_seconds=(
+                    float(ref.activation_timeout_seconds) if tier.spec.replicas.min == 0 else 0.0
+                ),
             )
         )
     c = spec.classifier

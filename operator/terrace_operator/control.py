@@ -317,9 +317,11 @@ class Controller:
         if prom is None:
             obs.error = "no Prometheus URL configured"
             return obs
-        # Demand at the router: requests per second plus requests in flight.
+        # Demand at the router: requests per second the routing decision chose
+        # this tier for (counted before escalation, so a tier at zero whose
+        # traffic escalates still shows it), plus requests in flight.
         parts: list[float | None] = []
-        for query in (q.rps(), q.inflight()):
+        for query in (q.demand(), q.inflight()):
             try:
                 parts.append(await prom.value(query))
             except MetricsError:
@@ -389,7 +391,10 @@ class Controller:
             mem.history = d.history
             if d.replicas != current:
                 await self.api.patch_scale(namespace, name, d.replicas)
-                verb = "ScaledUp" if d.replicas > current else "ScaledDown"
+                if current == 0:
+                    verb = "WakingUp"  # from zero: its router demand woke it
+                else:
+                    verb = "ScaledUp" if d.replicas > current else "ScaledDown"
                 msg = f"{current} -> {d.replicas}: {d.reason}"
                 await self.api.event(involved, verb, msg, "Normal")
                 out["lastScaling"] = append_scaling(

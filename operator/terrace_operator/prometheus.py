@@ -204,6 +204,11 @@ class TierQueries:
     def inflight(self) -> str:
         return f"sum(terrace_router_inflight{self._router})"
 
+    def demand(self) -> str:
+        """Requests per second whose routing decision chose this tier first,
+        whichever tier served them: the demand that wakes a tier at zero."""
+        return f"sum(rate(terrace_router_demand_total{self._router}[{self.window}]))"
+
     def rps(self) -> str:
         return f"sum(rate(terrace_router_requests_total{self._router}[{self.window}]))"
 

@@ -17,9 +17,10 @@ KEDA users expect:
               ``scaleDownStabilizationSeconds``;
 * bounds:     always inside [min, max];
 * zero:       a ``min: 0`` tier goes to zero only when the activation signal
-              (requests or in-flight at the router) is exactly zero, and comes
-              back to at least one replica as soon as it is not (KEDA's
-              activation semantics);
+              (the router's demand for the tier: requests whose routing
+              decision chose it, whichever tier served them, plus requests
+              in flight) is exactly zero, and comes back to at least one
+              replica as soon as it is not (KEDA's activation semantics);
 * outage:     no metric (Prometheus down, empty answer, NaN) never scales
               down and never to zero: the tier holds
               max(current, metricsUnavailableReplicas), inside the bounds.

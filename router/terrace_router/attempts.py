@@ -15,6 +15,11 @@ judged) is the `Exchange` subclass's; the rules are here, once:
   next tier when the decision and the escalation config allow it; otherwise
   the client gets `errors.no_answer`, which names every tier's cause and
   keeps an upstream's own status and `Retry-After`.
+- A tier that can sleep (`activation_timeout_seconds` > 0: the operator
+  sets it for tiers that scale to zero) and has no endpoint that answers at
+  all holds the request, trying every endpoint again each 0.25 s, until one
+  answers or the timeout passes; then the request moves on like any other
+  on an unavailable tier.
 - A stream is settled on a tier once its 2xx head is in; later failures end
   the stream in band (`relay.py`).
 - A unary 2xx answer is judged (`Exchange.judge`): a malformed one is an
@@ -50,6 +55,9 @@ log = logging.getLogger(__name__)
 
 # An upstream's error message is quoted to the client up to this length.
 _DETAIL_CHARS = 300
+
+# How often a request held for a sleeping tier tries its endpoints again.
+WAKE_POLL_SECONDS = 0.25
 
 # Verdicts on a 2xx answer (`Exchange.judge`).
 SOUND = "sound"
@@ -244,13 +252,29 @@ def _reason(kind: str) -> str:
 
 async def _try_tier(session: upstream.Session, tier: Tier, out: Outgoing) -> Held | Failure:
     """One attempt on a tier: its best endpoint, and the next one only when
-    the request never went out. A held 2xx/4xx answer, or why not."""
+    the request never went out; for a tier that can sleep
+    (`activation_timeout_seconds`), up to that long waiting for one of its
+    endpoints to answer at all. A held 2xx/4xx answer, or why not."""
     pool = tier.pool
     tried: list[Endpoint] = []
+    hold = tier.config.activation_timeout_seconds
+    wake_by = monotonic() + hold if hold > 0 else 0.0
+    waiting = False
     while True:
-        ep = pool.pick(monotonic(), tried)
+        now = monotonic()
+        ep = pool.pick(now, tried, include_ejected=waiting)
+        if ep is Pick.UNAVAILABLE and now < wake_by:
+            # Nothing of a tier that can sleep answers: it is at zero replicas
+            # (or waking). Hold the request and try every endpoint again.
+            waiting = True
+            tried.clear()
+            await asyncio.sleep(min(WAKE_POLL_SECONDS, wake_by - now))
+            continue
         if isinstance(ep, str):
-            return Failure(tier.name, OVERLOAD if ep is Pick.OVERLOADED else UNAVAILABLE)
+            if ep is Pick.OVERLOADED:
+                return Failure(tier.name, OVERLOAD)
+            detail = f"did not wake within {hold:g} s" if waiting else ""
+            return Failure(tier.name, UNAVAILABLE, detail=detail)
         ep.inflight += 1
         try:
             head = await upstream.send(

@@ -43,6 +43,9 @@ class TierConfig(_Model):
     # out for eject_seconds, then given one request to prove itself again.
     eject_after_failures: int = Field(default=3, ge=1)
     eject_seconds: float = Field(default=10.0, gt=0)
+    # A tier that can sleep (zero replicas): how long a request waits for it
+    # to wake when none of its endpoints answers, before escalating. 0: no wait.
+    activation_timeout_seconds: float = Field(default=0.0, ge=0, le=600)
 
 
 class ClassifierConfig(_Model):

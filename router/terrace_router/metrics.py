@@ -86,6 +86,13 @@ class RouterMetrics:
             buckets=_SCORE_BUCKETS,
             registry=r,
         )
+        self.demand = Counter(
+            "terrace_router_demand",
+            "Requests by the tier the routing decision chose first, before any escalation: "
+            "the demand each tier would serve if it were up (a tier at zero replicas included)",
+            ["tier"],
+            registry=r,
+        )
         self.escalations = Counter(
             "terrace_router_escalations",
             "Requests moved to another tier, by reason",
@@ -108,6 +115,14 @@ class RouterMetrics:
         self._requests: dict[tuple[str, int], Counter] = {}
         self._duration: dict[str, Histogram] = {}
         self._escalations: dict[str, Counter] = {}
+        self._demand: dict[str, Counter] = {}
+
+    def chose(self, tier: str) -> None:
+        """A routing decision chose `tier` first (counted before any attempt)."""
+        child = self._demand.get(tier)
+        if child is None:
+            child = self._demand[tier] = self.demand.labels(tier)
+        child.inc()
 
     def observe_request(self, tier: str, status: int, seconds: float | None) -> None:
         child = self._requests.get((tier, status))

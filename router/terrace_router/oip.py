@@ -119,6 +119,8 @@ class OipProxy:
             x = V2Exchange(
                 state, tier, method=request.method, suffix=suffix, body=body, headers=headers, t0=t0
             )
+            if post:
+                self.metrics.chose(tier.name)
             client = self.client()
             assert client is not None
             answer = await unless_gone(request.receive, attempt(x, client, self.metrics))

@@ -75,8 +75,12 @@ class TierPool:
         self.eject_seconds = eject_seconds
         self._next = 0  # rotates the tie-break so equal endpoints share load
 
-    def pick(self, now: float, exclude: Iterable[Endpoint] = ()) -> Endpoint | str:
-        """The healthy endpoint with the fewest requests in flight, or a Pick reason."""
+    def pick(
+        self, now: float, exclude: Iterable[Endpoint] = (), *, include_ejected: bool = False
+    ) -> Endpoint | str:
+        """The healthy endpoint with the fewest requests in flight, or a Pick
+        reason. `include_ejected`: ejected endpoints count as healthy (a
+        request waiting for a sleeping tier to wake tries them all)."""
         best: Endpoint | None = None
         saw_healthy = False
         eps = self.endpoints
@@ -85,7 +89,7 @@ class TierPool:
         self._next = (start + 1) % n
         for i in range(n):
             ep = eps[(start + i) % n]
-            if ep.ejected_until > now or ep in exclude:
+            if (ep.ejected_until > now and not include_ejected) or ep in exclude:
                 continue
             saw_healthy = True
             if ep.inflight >= self.max_inflight:

@@ -255,6 +255,7 @@ class Proxy:
             )
         else:
             decision = policy.decide_pinned(state.by_name[model].index, f"pinned to {model}")
+        self.metrics.chose(state.openai_tiers[decision.order[0]].name)
         x = OpenAIExchange(state, decision, kind=kind, payload=payload, auto=auto, t0=t0)
         client = self.client
         assert client is not None

@@ -233,6 +233,19 @@ def test_tensor_tiers_speak_v2_and_served_model_name_is_used() -> None:
     assert config.auth.api_keys_file is None
 
 
+def test_only_a_tier_that_can_sleep_is_waited_for() -> None:
+    spec = router_spec(
+        tiers=[{"name": "small-cpu", "activationTimeoutSeconds": 9}, {"name": "large-gpu"}]
+    )
+    sleepy = ch.ResolvedTier("small-cpu", "demo", tier(replicas={"min": 0, "max": 2}))
+    awake = RESOLVED[1]
+    config = ch.render_router_config(spec, [sleepy, awake])
+    assert [t.activation_timeout_seconds for t in config.tiers] == [9.0, 0.0]
+    # The default wait, a few seconds, for a tier at min 0 that names none.
+    config = ch.render_router_config(router_spec(), [sleepy, awake])
+    assert config.tiers[0].activation_timeout_seconds == 5.0
+
+
 def test_router_deployment_mounts_table_keys_and_classifier() -> None:
     spec = router_spec(
         auth={"apiKeySecretRef": {"name": "router-keys", "key": "k"}},

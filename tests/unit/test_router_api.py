@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from router_harness import (
     HARD,
     KEY,
     RawTier,
+    ServerThread,
+    StubControl,
     chat,
     chat_answer,
     client,
@@ -30,6 +33,7 @@ from router_harness import (
     read_request,
     samples,
     serve_router,
+    stub_app,
 )
 
 pytestmark = pytest.mark.usefixtures("router_keys")
@@ -282,6 +286,37 @@ def test_failing_endpoint_is_ejected_and_its_peer_serves(stubs, servers):
     assert 2 <= len(bad.requests) <= 3
     assert tiers.count("large") == len(bad.requests)
     assert len(good.requests) == 12 - len(bad.requests)
+
+
+@pytest.mark.parametrize("wakes", [True, False])
+def test_a_request_waits_for_a_sleeping_tier_then_escalates(stubs, servers, wakes):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens yet: the tier is at zero
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0]["endpoints"] = [f"http://127.0.0.1:{port}"]
+    cfg["tiers"][0]["activationTimeoutSeconds"] = 5.0 if wakes else 0.5
+    url = serve_router(servers, cfg)
+    sleepy = StubControl("sleepy")
+
+    def wake_up() -> None:  # the tier's pod starts a second later
+        time.sleep(1.0)
+        servers.append(ServerThread(stub_app(sleepy), port=port).start())
+
+    if wakes:
+        threading.Thread(target=wake_up, daemon=True).start()
+    started = time.monotonic()
+    headers, resp = chat(client(url), EASY)
+    waited = time.monotonic() - started
+    if wakes:  # held, then served by the tier that woke: nothing escalated
+        assert headers["x-terrace-tier"] == "small" and "x-terrace-escalated" not in headers
+        assert resp.choices[0].message.content == "answer from sleepy"
+        assert 0.8 < waited < 5.0
+    else:  # it did not wake in time: escalated, never lost
+        assert headers["x-terrace-tier"] == "large" and headers["x-terrace-escalated"] == "error"
+        assert waited >= 0.5
+    demand = samples(url, "terrace_router_demand_total")
+    assert demand[(("tier", "small"),)] == 1  # counted for the tier the decision chose
 
 
 def test_overloaded_tier_sheds_to_the_next(stubs, servers):
