@@ -4,7 +4,7 @@ the real terrace-agent (fake GPUs, as its ServiceAccount).
 
 The router's metrics come from an HTTP exporter in this test process that
 publishes the router's metric names for the tier (in-flight, requests,
-latency histogram) at values the test sets: the load step is a step in those
+demand, latency histogram) at values the test sets: the load step is a step in those
 numbers, scraped by Prometheus every second like the router's.
 
 Ticks are 2 s and Prometheus windows 10 s so the whole module takes about a
@@ -79,6 +79,7 @@ class RouterMetrics:
                               registry=self.registry)
         self.requests = Counter("terrace_router_requests", "requests", ["tier", "status"],
                                 registry=self.registry)
+        self.demand = Counter("terrace_router_demand", "demand", ["tier"], registry=self.registry)
         self.latency = Histogram("terrace_router_request_duration_seconds", "latency", ["tier"],
                                  registry=self.registry,
                                  buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5, 2.5, 5.0))
@@ -88,6 +89,7 @@ class RouterMetrics:
         self.server, _ = start_http_server(0, "127.0.0.1", self.registry)
         self.inflight.labels(TIER, "e0").set(0)
         self.requests.labels(TIER, "200").inc(0)
+        self.demand.labels(TIER).inc(0)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -104,6 +106,7 @@ class RouterMetrics:
             n = self.rps * 0.1
             if n > 0:
                 self.requests.labels(TIER, "200").inc(n)
+                self.demand.labels(TIER).inc(n)
                 for _ in range(max(1, int(round(n)))):
                     self.latency.labels(TIER).observe(self.latency_s)
 

@@ -1,0 +1,283 @@
+"""A tier at zero replicas wakes up on demand, on the real cluster: real
+apiserver + kwok, real Prometheus scraping the real `terrace-router`, the
+real `terrace-operator`, and real runtimes (Gemma 3 270M on
+onnxruntime-genai).
+
+The sleeping tier `sleepy` (min 0) has nothing listening at its address
+while it is at zero. The router counts the demand for the tier its routing
+decision chose (`terrace_router_demand_total{tier="sleepy"}`), whichever
+tier served it: that is what the operator reads to wake a tier at zero.
+(Before, a sleeping tier's traffic showed only under the tier that served
+it, and the tier never woke.) Two ways to meet a sleeping tier:
+
+- `activationTimeoutSeconds: 0`: requests escalate to `awake` at once, and
+  their demand wakes `sleepy`;
+- a wait: the request is held until `sleepy` answers. Here the test plays
+  the kubelet and the Service: once the Deployment asks for a replica it
+  starts the tier's process, and the tier's address answers once it is
+  ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from localproc import ServerProcess  # noqa: E402
+from operator_harness import (  # noqa: E402
+    OperatorProcess,
+    ensure_namespace,
+    free_port,
+    install_crds,
+    install_rbac,
+    kubectl_json,
+    wait_for,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = f"wake-{uuid.uuid4().hex[:6]}"
+TICK = 2.0
+WINDOW_S = 6  # scale-down stabilization: back to zero this long after demand stops
+
+SLEEPY = {
+    "apiVersion": "terrace.dev/v1alpha1",
+    "kind": "ModelTier",
+    "metadata": {"name": "sleepy", "namespace": NS},
+    "spec": {
+        "model": {"uri": "file:///models/small/model.onnx", "format": "onnx"},
+        "device": "cpu",
+        "replicas": {"min": 0, "max": 2},
+        "scaling": {
+            "metric": "inflight",
+            "target": 4,
+            "scaleUpStabilizationSeconds": 0,
+            "scaleDownStabilizationSeconds": WINDOW_S,
+        },
+    },
+}
+
+
+def replicas(cluster: Any) -> int:
+    d = kubectl_json(cluster, "get", "deployment", "sleepy", "-n", NS)
+    return int(d["spec"].get("replicas") or 0)
+
+
+def _free_port_url() -> tuple[int, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+    return port, f"http://127.0.0.1:{port}"
+
+
+def _runtime(name: str, port: int, model: str, log: Path) -> ServerProcess:
+    argv = [
+        sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1",
+        "--port", str(port), "--model", model, "--format", "onnx", "--name", name,
+        "--threads", "1", "--chat-template", "qa",
+    ]  # fmt: skip
+    return ServerProcess(name, argv, port, "/v2/health/ready", log)
+
+
+def _router(tmp: Path, sleepy_url: str, awake_url: str, wait_s: float) -> ServerProcess:
+    table = {
+        "tiers": [
+            {"name": "sleepy", "endpoints": [sleepy_url], "ejectSeconds": 1,
+             "activationTimeoutSeconds": wait_s},
+            {"name": "awake", "endpoints": [awake_url], "readTimeoutSeconds": 60},
+        ],
+        "calibration": {"thresholds": [2.0]},  # every request starts on `sleepy`
+        "escalation": {"onLowConfidence": False},
+        "cache": {"enabled": False},
+    }  # fmt: skip
+    path = tmp / f"router-{wait_s:g}.yaml"
+    path.write_text(yaml.safe_dump(table))
+    port = free_port()
+    argv = [sys.executable, "-m", "terrace_router.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--config", str(path)]  # fmt: skip
+    return ServerProcess("router", argv, port, "/readyz", tmp / f"router-{wait_s:g}.log")
+
+
+class _Endpoint:
+    """A ready pod's address: a TCP relay from `port` to the pod's `target`."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.target = target
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.sock.settimeout(0.2)
+        self.stopping = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+
+
+def _ask(router: ServerProcess) -> httpx.Response:
+    return httpx.post(
+        router.url + "/v1/completions",
+        json={"model": "auto", "prompt": "Q: What is the capital of France?\nA:",
+              "max_tokens": 4, "temperature": 0},
+        timeout=120,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("wake")
+    models = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "real_models.py")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    onnx = json.loads(models.stdout.strip().splitlines()[-1])["onnx"]
+    install_crds(cluster)
+    install_rbac(cluster)
+    ensure_namespace(cluster, NS)
+    awake = _runtime("awake", free_port(), onnx, tmp / "awake.log")
+    operator = OperatorProcess(cluster, [NS], tmp / "operator.log", env={
+        "TERRACE_PROMETHEUS_URL": cluster.prometheus_url,
+        "TERRACE_CONTROL_INTERVAL_SECONDS": str(TICK),
+        "TERRACE_METRICS_WINDOW": "10s",
+    })  # fmt: skip
+    try:
+        awake.wait(300)
+        operator.start()
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(SLEEPY))
+        wait_for(lambda: replicas(cluster) == 0, 60, what="the idle tier at zero")
+        yield {"tmp": tmp, "awake": awake, "model": onnx}
+    finally:
+        cluster.kubectl("delete", "modeltier", "sleepy", "-n", NS, "--ignore-not-found",
+                        check=False)  # fmt: skip
+        operator.stop()
+        awake.stop()
+        cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+@pytest.fixture
+def router(cluster, env, request) -> Iterator[tuple[ServerProcess, int]]:
+    """The real router in front of `sleepy` (nothing listens on its port
+    until a test starts its process) and `awake`, scraped by Prometheus."""
+    port, url = _free_port_url()
+    server = _router(env["tmp"], url, env["awake"].url, request.param)
+    try:
+        server.wait(120)
+        cluster.add_scrape_target("wake-router", f"127.0.0.1:{server.port}")
+        yield server, port
+    finally:
+        cluster.remove_scrape_target("wake-router")
+        server.stop()
+        wait_for(lambda: replicas(cluster) == 0, WINDOW_S + 10 * TICK + 30, interval=0.5,
+                 what="the tier back at zero for the next test")  # fmt: skip
+
+
+def _waking(cluster: Any) -> dict:
+    obj = kubectl_json(cluster, "get", "modeltier", "sleepy", "-n", NS)
+    scaling = next(c for c in obj["status"]["conditions"] if c["type"] == "Scaling")
+    return {"last": obj["status"]["lastScaling"][-1], "reason": scaling["reason"]}
+
+
+@pytest.mark.parametrize("router", [0], indirect=True)
+def test_demand_that_escalates_past_a_sleeping_tier_wakes_it(cluster, env, router):
+    server, _ = router
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            r = _ask(server)
+            answers.append((r.status_code, r.headers.get("x-terrace-tier", "")))
+            time.sleep(0.2)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        wait_for(lambda: replicas(cluster) >= 1, 60, interval=0.5,
+                 what="the sleeping tier woken by demand that escalated past it")  # fmt: skip
+    finally:
+        stop.set()
+        sender.join(120)
+    # Nothing was lost meanwhile: every request was answered by the tier that was up.
+    assert answers and all(status == 200 for status, _ in answers), answers[-5:]
+    assert {tier for _, tier in answers} == {"awake"}
+    woke = _waking(cluster)
+    assert woke["last"]["from"] == 0 and woke["last"]["to"] >= 1
+    events = kubectl_json(cluster, "get", "events", "-n", NS,
+                          "--field-selector", "involvedObject.name=sleepy,reason=WakingUp")  # fmt: skip
+    assert events["items"], "a WakingUp Event"
+    # With the demand gone, back to zero after the window.
+    wait_for(lambda: replicas(cluster) == 0, WINDOW_S + 10 * TICK + 30, interval=0.5,
+             what="back to zero once the demand stopped")  # fmt: skip
+
+
+@pytest.mark.parametrize("router", [90], indirect=True)
+def test_a_held_request_is_served_by_the_tier_it_woke(cluster, env, router):
+    server, port = router
+    started: list[ServerProcess] = []
+
+    def kubelet() -> None:
+        # The tier's pod: its process starts once the Deployment asks for it,
+        # and, as a Service adds a pod only once it is ready, its address
+        # starts answering only then.
+        wait_for(lambda: replicas(cluster) >= 1, 90, interval=0.5, what="scaled up")
+        pod = _runtime("sleepy", free_port(), env["model"], env["tmp"] / "sleepy.log")
+        started.append(pod)
+        pod.wait(300)
+        started.append(_Endpoint(port, pod.port))
+
+    runner = threading.Thread(target=kubelet, daemon=True)
+    runner.start()
+    try:
+        first = _ask(server)  # at zero: held while the tier wakes
+        assert first.status_code == 200, first.text
+        assert first.headers["x-terrace-tier"] == "sleepy"
+        assert "x-terrace-escalated" not in first.headers
+        assert first.json()["choices"][0]["text"]
+        assert _waking(cluster)["last"]["from"] == 0
+        # The next requests go straight to the tier that woke.
+        for _ in range(3):
+            r = _ask(server)
+            assert r.status_code == 200 and r.headers["x-terrace-tier"] == "sleepy"
+    finally:
+        runner.join(120)
+        if started:  # gone with the demand, as its pod would be
+            wait_for(lambda: replicas(cluster) == 0, WINDOW_S + 10 * TICK + 30, interval=0.5,
+                     what="back to zero once the demand stopped")  # fmt: skip
+        for proc in reversed(started):
+            proc.stop()
