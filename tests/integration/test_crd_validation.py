@@ -373,5 +373,6 @@ def test_defaults_are_filled_in_by_the_apiserver(crds) -> None:
         "name": "small",
         "maxInflightPerEndpoint": 64,
         "timeoutSeconds": 60,
+        "activationTimeoutSeconds": 5,
     }
     assert router["service"] == {"type": "ClusterIP", "port": 8080}
