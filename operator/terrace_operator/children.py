@@ -390,16 +390,21 @@ def router_configmap_name(name: str) -> str:
     return f"{name}-routing"
 
 
-def render_router_config(spec: TierRouterSpec, tiers: list[ResolvedTier]) -> RouterConfig:
+def render_router_config(
+    spec: TierRouterSpec, tiers: list[ResolvedTier], wake_url: str | None = None
+) -> RouterConfig:
     """The routing table for the router, in terrace_router.config's own model.
 
     `tiers` are the resolved ModelTiers in the TierRouter's order; entries
-    whose ModelTier is missing are left out by the caller.
+    whose ModelTier is missing are left out by the caller. `wake_url`: the
+    operator's wake endpoint (OperatorSettings.wake_url), given to the tiers
+    that scale to zero.
     """
     refs = {t.name: t for t in spec.tiers}
     rendered = []
     for tier in tiers:
         ref = refs[tier.name]
+        sleeps = tier.spec.replicas.min == 0
         rendered.append(
             TierConfig(
                 name=tier.name,
@@ -408,9 +413,12 @@ def render_router_config(spec: TierRouterSpec, tiers: list[ResolvedTier]) -> Rou
                 upstream_model=ref.upstream_model or tier.spec.model.served_model_name,
                 max_inflight_per_endpoint=ref.max_inflight_per_endpoint,
                 read_timeout_seconds=float(ref.timeout_seconds),
-                # Only a tier that can sleep is waited for.
-                activation_timeout_seconds=(
-                    float(ref.activation_timeout_seconds) if tier.spec.replicas.min == 0 else 0.0
+                # Only a tier that can sleep is waited for, and woken.
+                activation_timeout_seconds=float(ref.activation_timeout_seconds) if sleeps else 0.0,
+                wake_url=(
+                    f"{wake_url.rstrip('/')}/wake/{tier.namespace}/{tier.name}"
+                    if sleeps and wake_url
+                    else None
                 ),
             )
         )

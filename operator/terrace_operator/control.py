@@ -84,6 +84,9 @@ class ControlSettings(BaseSettings):
     gpu_metrics_source: Literal["agent", "dcgm"] = "agent"
     cpu_watts_per_busy_core: float = Field(default=350.0 / 56, gt=0)
     power_desired_ttl_seconds: float = Field(default=DEFAULT_TTL_SECONDS, gt=0)
+    # Where routers wake a tier at zero (POST /wake/NAMESPACE/TIER); None: off.
+    wake_host: str = "0.0.0.0"
+    wake_port: int | None = Field(default=None, ge=0, le=65535)
     # The operator's own TERRACE_NAMESPACES (comma-separated; empty: all).
     namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -106,6 +109,7 @@ class TierMemory:
     power: PowerState | None = None
     power_nodes: frozenset[str] = frozenset()
     metrics_ok: bool | None = None
+    woken: str | None = None  # when the wake endpoint brought it up, for the next status
 
 
 def scaling_policy(spec: ModelTierSpec) -> ScalingPolicy:
@@ -192,6 +196,7 @@ def enforced_watts(reports: list[dict]) -> list[int]:
 
 class ControlApi(Protocol):
     async def list_tiers(self, namespaces: list[str]) -> list[dict]: ...
+    async def get_tier(self, namespace: str, name: str) -> dict | None: ...
     async def get_scale(self, namespace: str, name: str) -> int | None: ...
     async def patch_scale(self, namespace: str, name: str, replicas: int) -> None: ...
     async def pod_nodes(self, namespace: str, selector: dict[str, str]) -> set[str]: ...
@@ -230,6 +235,12 @@ class KubeControlApi:
                 # list items carry no apiVersion/kind; Events need them
                 items.append({"apiVersion": API_VERSION, "kind": "ModelTier", **item})
         return items
+
+    async def get_tier(self, namespace: str, name: str) -> dict | None:
+        body = await self._call(
+            "GET", f"/apis/terrace.dev/v1alpha1/namespaces/{namespace}/modeltiers/{name}"
+        )
+        return None if body is None else {"apiVersion": API_VERSION, "kind": "ModelTier", **body}
 
     async def get_scale(self, namespace: str, name: str) -> int | None:
         body = await self._call(
@@ -385,6 +396,17 @@ class Controller:
                 "replicas, the control loop stands aside", generation,
             )
         else:
+            woke = mem.woken is not None
+            if woke:  # the wake endpoint scaled it: this tick records it
+                entry = scaling_entry(mem.woken, 0, 1, "woken by the router: a request was waiting")
+                status["lastScaling"] = out["lastScaling"] = append_scaling(
+                    status.get("lastScaling"), entry
+                )
+                conditions = set_condition(
+                    conditions, "Scaling", "True", "WakingUp", f"0 -> 1: {entry['reason']}",
+                    generation,
+                )
+                mem.woken = None
             d = plan_scaling(spec, current, obs.observed, obs.activation, mem, now)
             if not metrics_ok:
                 d = replace(d, reason=f"{d.reason}: {obs.error}")
@@ -401,15 +423,15 @@ class Controller:
                     status.get("lastScaling"), scaling_entry(when, current, d.replicas, d.reason)
                 )
                 conditions = set_condition(conditions, "Scaling", "True", verb, msg, generation)
-            elif metrics_ok:
+            elif not metrics_ok:
+                conditions = set_condition(conditions, "Scaling", "False", "MetricsUnavailable",
+                                           f"holding {d.replicas} replicas", generation)
+            elif not woke:  # a tier just woken shows WakingUp until the next tick
                 conditions = set_condition(
                     conditions, "Scaling", "True", "Steady",
                     f"{current} replicas; {spec.scaling.metric} target {spec.scaling.target}",
                     generation,
                 )
-            else:
-                conditions = set_condition(conditions, "Scaling", "False", "MetricsUnavailable",
-                                           f"holding {d.replicas} replicas", generation)
 
         if metrics_ok:
             conditions = set_condition(
@@ -459,6 +481,41 @@ class Controller:
                     if "lastScaling" in status and "lastScaling" not in out else {}
                 ),
             })
+
+    async def wake(self, namespace: str, name: str, watched: list[str]) -> tuple[int, str]:
+        """A router holds a request for this tier and none of its pods
+        answers: bring a tier at zero to one replica now, without waiting for
+        Prometheus and the next tick. Returns (HTTP status, message).
+
+        Only a watched tier that scales to zero, has no external autoscaler
+        and is at zero is touched; the recommendation is remembered, so the
+        next tick holds the replica for the scale-down window."""
+        if watched and namespace not in watched:
+            return 404, f"namespace {namespace!r} is not watched by this operator"
+        body = await self.api.get_tier(namespace, name)
+        if body is None:
+            return 404, f"no ModelTier {namespace}/{name}"
+        try:
+            spec = ModelTierSpec.model_validate(body.get("spec") or {})
+        except ValueError:
+            return 409, f"ModelTier {namespace}/{name} has an invalid spec"
+        if spec.replicas.min != 0 or spec.replicas.count is not None:
+            return 409, f"ModelTier {namespace}/{name} does not scale to zero"
+        current = await self.api.get_scale(namespace, name)
+        if current is None:
+            return 409, f"ModelTier {namespace}/{name} has no Deployment yet"
+        if current > 0:
+            return 200, f"{current} replicas: awake"
+        await self.api.patch_scale(namespace, name, 1)
+        mem = self.memory.setdefault((namespace, name), TierMemory())
+        now_dt = datetime.now(UTC)
+        mem.history = (*(mem.history or ()), Recommendation(now_dt.timestamp(), 1))
+        mem.woken = now_dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+        involved = {"apiVersion": API_VERSION, "kind": "ModelTier", "metadata": body["metadata"]}
+        await self.api.event(
+            involved, "WakingUp", "0 -> 1: woken by the router (a request is waiting)", "Normal"
+        )
+        return 202, "0 -> 1: waking"
 
     async def forget(self, namespace: str, name: str) -> None:
         """A deleted tier: withdraw its power requests from the nodes it used."""
@@ -632,6 +689,7 @@ def register(registry: Any, settings: ControlSettings, kube: Any,
     watched = list(settings.namespaces if namespaces is None else namespaces)
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
+    wake_servers: list[Any] = []
 
     @kopf.on.startup(registry=registry)
     async def _start_control(**_: Any) -> None:
@@ -645,6 +703,13 @@ def register(registry: Any, settings: ControlSettings, kube: Any,
         stop.clear()
         tasks.append(asyncio.create_task(run_loop(controller, watched, stop),
                                          name="terrace-control"))
+        if settings.wake_port is not None:
+            from terrace_operator.wake import serve_wake
+
+            wake_servers.append(await serve_wake(
+                lambda ns, name: controller.wake(ns, name, watched),
+                settings.wake_host, settings.wake_port,
+            ))
 
     @kopf.on.cleanup(registry=registry)
     async def _stop_control(**_: Any) -> None:
@@ -653,6 +718,9 @@ def register(registry: Any, settings: ControlSettings, kube: Any,
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         tasks.clear()
+        for runner in wake_servers:
+            await runner.cleanup()
+        wake_servers.clear()
         if controller.prometheus is not None:
             await controller.prometheus.aclose()
 

@@ -452,7 +452,7 @@ class Controller:
             # With no tier at all there is no table to render: keep the last one
             # (or none: the router pod waits for its ConfigMap).
             if resolved:
-                config = ch.render_router_config(spec, resolved)
+                config = ch.render_router_config(spec, resolved, self.settings.wake_url)
                 desired_cm = ch.router_configmap(owner, config)
                 config_hash = desired_cm["metadata"]["annotations"][ch.HASH_ANNOTATION]
                 _, action = await self._ensure(body, owner, desired_cm)

@@ -39,6 +39,11 @@ class OperatorSettings(BaseSettings):
     peering_name: str | None = None
     priority: int = 0
 
+    # How routers reach this operator's wake endpoint (control.ControlSettings
+    # serves it on TERRACE_WAKE_PORT), e.g. http://terrace-operator.NS.svc:8082;
+    # None: routers do not wake sleeping tiers, they wait for the next tick.
+    wake_url: str | None = None
+
     runtime_image: str = DEFAULT_IMAGE
     router_image: str = DEFAULT_IMAGE
     image_pull_policy: str = "IfNotPresent"

@@ -36,7 +36,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -56,8 +56,10 @@ log = logging.getLogger(__name__)
 # An upstream's error message is quoted to the client up to this length.
 _DETAIL_CHARS = 300
 
-# How often a request held for a sleeping tier tries its endpoints again.
+# How often a request held for a sleeping tier tries its endpoints again,
+# and how often a tier is asked to wake (whatever the number of requests).
 WAKE_POLL_SECONDS = 0.25
+WAKE_EVERY_SECONDS = 1.0
 
 # Verdicts on a 2xx answer (`Exchange.judge`).
 SOUND = "sound"
@@ -138,8 +140,23 @@ class Held:
         blame(self.session, self.tier, self.ep, endpoint_fault=endpoint_fault)
 
 
-# Health checks in flight (a reference keeps each task alive until it ends).
-_CHECKS: set[asyncio.Task[None]] = set()
+# Health checks and wake-up calls in flight (a reference keeps each task
+# alive until it ends).
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+def _background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+
+
+async def _wake(session: upstream.Session, tier: Tier) -> None:
+    """Ask the operator to wake a sleeping tier (`TierConfig.wake_url`)."""
+    assert tier.config.wake_url is not None
+    status = await upstream.notify(session, upstream.url(tier.config.wake_url, ""), tier.timeout)
+    if not 200 <= status < 300:
+        log.warning("asking to wake tier %s: %s", tier.name, status or "no answer")
 
 
 def blame(session: upstream.Session, tier: Tier, ep: Endpoint, *, endpoint_fault: bool) -> None:
@@ -150,9 +167,7 @@ def blame(session: upstream.Session, tier: Tier, ep: Endpoint, *, endpoint_fault
     if endpoint_fault:
         pool.failed(ep, monotonic())
     elif pool.suspect(ep):
-        task = asyncio.get_running_loop().create_task(_check(session, tier, ep))
-        _CHECKS.add(task)
-        task.add_done_callback(_CHECKS.discard)
+        _background(_check(session, tier, ep))
 
 
 async def _check(session: upstream.Session, tier: Tier, ep: Endpoint) -> None:
@@ -265,7 +280,11 @@ async def _try_tier(session: upstream.Session, tier: Tier, out: Outgoing) -> Hel
         ep = pool.pick(now, tried, include_ejected=waiting)
         if ep is Pick.UNAVAILABLE and now < wake_by:
             # Nothing of a tier that can sleep answers: it is at zero replicas
-            # (or waking). Hold the request and try every endpoint again.
+            # (or waking). Ask for it to wake, hold the request and try every
+            # endpoint again.
+            if tier.config.wake_url and now - tier.woken_at >= WAKE_EVERY_SECONDS:
+                tier.woken_at = now
+                _background(_wake(session, tier))
             waiting = True
             tried.clear()
             await asyncio.sleep(min(WAKE_POLL_SECONDS, wake_by - now))

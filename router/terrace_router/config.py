@@ -46,6 +46,9 @@ class TierConfig(_Model):
     # A tier that can sleep (zero replicas): how long a request waits for it
     # to wake when none of its endpoints answers, before escalating. 0: no wait.
     activation_timeout_seconds: float = Field(default=0.0, ge=0, le=600)
+    # Where to ask for the tier to be woken while a request waits for it (the
+    # operator's POST /wake/NAMESPACE/TIER); None: the demand metric wakes it.
+    wake_url: str | None = None
 
 
 class ClassifierConfig(_Model):

@@ -33,6 +33,7 @@ class Tier:
     pool: TierPool
     timeout: upstream.Timeout
     upstream_model: str | None
+    woken_at: float = float("-inf")  # when the router last asked for this tier to wake
 
     def model_for(self, requested: str, auto: bool) -> str:
         """The model name sent upstream."""

@@ -163,6 +163,19 @@ async def healthy(
         return False
 
 
+async def notify(
+    session: aiohttp.ClientSession, target: URL, timeout: aiohttp.ClientTimeout
+) -> int:
+    """POST with no body to `target` (a wake-up call); its status, 0 when
+    nothing answered (never raises)."""
+    try:
+        async with session.post(target, timeout=timeout, allow_redirects=False) as resp:
+            await resp.read()
+            return resp.status
+    except (TimeoutError, aiohttp.ClientError):
+        return 0
+
+
 async def send(
     session: aiohttp.ClientSession,
     method: str,

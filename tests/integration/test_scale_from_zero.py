@@ -12,10 +12,11 @@ it, and the tier never woke.) Two ways to meet a sleeping tier:
 
 - `activationTimeoutSeconds: 0`: requests escalate to `awake` at once, and
   their demand wakes `sleepy`;
-- a wait: the request is held until `sleepy` answers. Here the test plays
-  the kubelet and the Service: once the Deployment asks for a replica it
-  starts the tier's process, and the tier's address answers once it is
-  ready.
+- a wait: the request is held until `sleepy` answers. It wakes by its
+  demand on the operator's next tick, or at once when the router calls the
+  operator's wake endpoint (`wakeUrl`). Here the test plays the kubelet and
+  the Service: once the Deployment asks for a replica it starts the tier's
+  process, and the tier's address answers once it is ready.
 """
 
 from __future__ import annotations
@@ -92,23 +93,25 @@ def _runtime(name: str, port: int, model: str, log: Path) -> ServerProcess:
     return ServerProcess(name, argv, port, "/v2/health/ready", log)
 
 
-def _router(tmp: Path, sleepy_url: str, awake_url: str, wait_s: float) -> ServerProcess:
+def _router(
+    tmp: Path, sleepy_url: str, awake_url: str, wait_s: float, wake_url: str | None
+) -> ServerProcess:
     table = {
         "tiers": [
             {"name": "sleepy", "endpoints": [sleepy_url], "ejectSeconds": 1,
-             "activationTimeoutSeconds": wait_s},
+             "activationTimeoutSeconds": wait_s, "wakeUrl": wake_url},
             {"name": "awake", "endpoints": [awake_url], "readTimeoutSeconds": 60},
         ],
         "calibration": {"thresholds": [2.0]},  # every request starts on `sleepy`
         "escalation": {"onLowConfidence": False},
         "cache": {"enabled": False},
     }  # fmt: skip
-    path = tmp / f"router-{wait_s:g}.yaml"
+    path = tmp / f"router-{wait_s:g}-{bool(wake_url)}.yaml"
     path.write_text(yaml.safe_dump(table))
     port = free_port()
     argv = [sys.executable, "-m", "terrace_router.cli", "serve", "--host", "127.0.0.1",
             "--port", str(port), "--config", str(path)]  # fmt: skip
-    return ServerProcess("router", argv, port, "/readyz", tmp / f"router-{wait_s:g}.log")
+    return ServerProcess("router", argv, port, "/readyz", tmp / f"{path.stem}.log")
 
 
 class _Endpoint:
@@ -171,17 +174,25 @@ def env(cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     install_rbac(cluster)
     ensure_namespace(cluster, NS)
     awake = _runtime("awake", free_port(), onnx, tmp / "awake.log")
+    wake_port = free_port()
     operator = OperatorProcess(cluster, [NS], tmp / "operator.log", env={
         "TERRACE_PROMETHEUS_URL": cluster.prometheus_url,
         "TERRACE_CONTROL_INTERVAL_SECONDS": str(TICK),
         "TERRACE_METRICS_WINDOW": "10s",
+        "TERRACE_WAKE_HOST": "127.0.0.1",
+        "TERRACE_WAKE_PORT": str(wake_port),
     })  # fmt: skip
     try:
         awake.wait(300)
         operator.start()
         cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(SLEEPY))
         wait_for(lambda: replicas(cluster) == 0, 60, what="the idle tier at zero")
-        yield {"tmp": tmp, "awake": awake, "model": onnx}
+        yield {
+            "tmp": tmp,
+            "awake": awake,
+            "model": onnx,
+            "wake": f"http://127.0.0.1:{wake_port}/wake/{NS}/sleepy",
+        }
     finally:
         cluster.kubectl("delete", "modeltier", "sleepy", "-n", NS, "--ignore-not-found",
                         check=False)  # fmt: skip
@@ -195,7 +206,8 @@ def router(cluster, env, request) -> Iterator[tuple[ServerProcess, int]]:
     """The real router in front of `sleepy` (nothing listens on its port
     until a test starts its process) and `awake`, scraped by Prometheus."""
     port, url = _free_port_url()
-    server = _router(env["tmp"], url, env["awake"].url, request.param)
+    wait_s, woken = request.param
+    server = _router(env["tmp"], url, env["awake"].url, wait_s, env["wake"] if woken else None)
     try:
         server.wait(120)
         cluster.add_scrape_target("wake-router", f"127.0.0.1:{server.port}")
@@ -213,7 +225,7 @@ def _waking(cluster: Any) -> dict:
     return {"last": obj["status"]["lastScaling"][-1], "reason": scaling["reason"]}
 
 
-@pytest.mark.parametrize("router", [0], indirect=True)
+@pytest.mark.parametrize("router", [(0, False)], indirect=True)
 def test_demand_that_escalates_past_a_sleeping_tier_wakes_it(cluster, env, router):
     server, _ = router
     answers: list[tuple[int, str]] = []
@@ -246,9 +258,12 @@ def test_demand_that_escalates_past_a_sleeping_tier_wakes_it(cluster, env, route
              what="back to zero once the demand stopped")  # fmt: skip
 
 
-@pytest.mark.parametrize("router", [90], indirect=True)
-def test_a_held_request_is_served_by_the_tier_it_woke(cluster, env, router):
+@pytest.mark.parametrize(
+    "router", [(90, False), (90, True)], indirect=True, ids=["by-demand", "by-wake-call"]
+)
+def test_a_held_request_is_served_by_the_tier_it_woke(cluster, env, router, request):
     server, port = router
+    woken = request.node.callspec.params["router"][1]
     started: list[ServerProcess] = []
 
     def kubelet() -> None:
@@ -269,7 +284,10 @@ def test_a_held_request_is_served_by_the_tier_it_woke(cluster, env, router):
         assert first.headers["x-terrace-tier"] == "sleepy"
         assert "x-terrace-escalated" not in first.headers
         assert first.json()["choices"][0]["text"]
-        assert _waking(cluster)["last"]["from"] == 0
+        scaled = wait_for(lambda: (w := _waking(cluster))["last"]["from"] == 0 and w, 30,
+                          what="the wake-up recorded in status")  # fmt: skip
+        if woken:  # the router's call, not the next scrape and tick, woke it
+            assert "woken by the router" in scaled["last"]["reason"]
         # The next requests go straight to the tier that woke.
         for _ in range(3):
             r = _ask(server)

@@ -123,6 +123,16 @@ def test_all_features_render_agent_monitoring_and_dashboard() -> None:
     assert operator["image"].startswith("registry.example.com/")
     env = {e["name"]: e.get("value") for e in operator["env"]}
     assert env["TERRACE_NAMESPACES"] == "demo,prod"
+    # Routers reach the wake endpoint through the operator's Service.
+    service = next(
+        d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-operator-metrics")
+    )
+    wake = next(p for p in service["spec"]["ports"] if p["name"] == "wake")
+    assert env["TERRACE_WAKE_PORT"] == str(wake["port"])
+    ns = service["metadata"]["namespace"]
+    assert env["TERRACE_WAKE_URL"] == (
+        f"http://{service['metadata']['name']}.{ns}.svc:{wake['port']}"
+    )
 
 
 def test_defaults_are_secure_and_agent_is_off() -> None:

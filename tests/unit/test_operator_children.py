@@ -244,6 +244,13 @@ def test_only_a_tier_that_can_sleep_is_waited_for() -> None:
     # The default wait, a few seconds, for a tier at min 0 that names none.
     config = ch.render_router_config(router_spec(), [sleepy, awake])
     assert config.tiers[0].activation_timeout_seconds == 5.0
+    assert [t.wake_url for t in config.tiers] == [None, None]  # no wake endpoint known
+    # With the operator's wake endpoint, the sleeping tier (only) is woken there.
+    config = ch.render_router_config(router_spec(), [sleepy, awake], "http://op.ns.svc:8082/")
+    assert [t.wake_url for t in config.tiers] == [
+        "http://op.ns.svc:8082/wake/demo/small-cpu",
+        None,
+    ]
 
 
 def test_router_deployment_mounts_table_keys_and_classifier() -> None:

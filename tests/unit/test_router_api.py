@@ -35,6 +35,10 @@ from router_harness import (
     serve_router,
     stub_app,
 )
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 pytestmark = pytest.mark.usefixtures("router_keys")
 
@@ -317,6 +321,53 @@ def test_a_request_waits_for_a_sleeping_tier_then_escalates(stubs, servers, wake
         assert waited >= 0.5
     demand = samples(url, "terrace_router_demand_total")
     assert demand[(("tier", "small"),)] == 1  # counted for the tier the decision chose
+
+
+def test_a_held_request_asks_the_operator_to_wake_the_tier(stubs, servers):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens yet: the tier is at zero
+    calls: list[str] = []
+    sleepy = StubControl("sleepy")
+
+    async def wake(request: Request) -> JSONResponse:  # the operator's endpoint
+        calls.append(request.url.path)
+        if len(calls) == 1:  # it scales the tier up; its pod starts a moment later
+            threading.Timer(
+                0.5, lambda: servers.append(ServerThread(stub_app(sleepy), port=port).start())
+            ).start()
+        return JSONResponse({"message": "0 -> 1: waking"}, 202)
+
+    operator = ServerThread(Starlette(routes=[Route("/wake/{ns}/{name}", wake, methods=["POST"])]))
+    servers.append(operator.start())
+    cfg = make_config(stubs, thresholds=[2.0])
+    cfg["tiers"][0].update(
+        endpoints=[f"http://127.0.0.1:{port}"],
+        activationTimeoutSeconds=10.0,
+        wakeUrl=operator.url + "/wake/demo/small",
+    )
+    url = serve_router(servers, cfg)
+
+    async def many() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as hc:
+            return await asyncio.gather(
+                *[
+                    hc.post(
+                        url + "/v1/chat/completions",
+                        headers={"authorization": f"Bearer {KEY}"},
+                        json={"model": "auto", "messages": [{"role": "user", "content": EASY}]},
+                    )
+                    for _ in range(5)
+                ]
+            )
+
+    answers = asyncio.run(many())
+    assert [r.headers["x-terrace-tier"] for r in answers] == ["small"] * 5
+    assert all(
+        r.json()["choices"][0]["message"]["content"] == "answer from sleepy" for r in answers
+    )
+    # Five requests waited together: one wake-up call (at most one a second).
+    assert calls[:1] == ["/wake/demo/small"] and len(calls) <= 2
 
 
 def test_overloaded_tier_sheds_to_the_next(stubs, servers):

@@ -56,9 +56,13 @@ class Api:
         self.status = None
         self.nodes = {"gpu-node": {}}
         self.pods_on = {"gpu-node"}
+        self.tier = None  # what get_tier answers for demo/big
 
     async def list_tiers(self, namespaces):
         return [body(), body(device="cpu") | {"metadata": {"name": "small", "namespace": "demo"}}]
+
+    async def get_tier(self, ns, name):
+        return self.tier if (ns, name) == ("demo", "big") else None
 
     async def get_scale(self, ns, name):
         return self.replicas
@@ -285,3 +289,48 @@ def test_deleted_tier_withdraws_its_power_request(prom):
     asyncio.run(go())
     assert key not in api.nodes["gpu-node"]
     assert c.memory == {}
+
+
+def test_the_wake_endpoint_brings_a_sleeping_tier_up_and_the_next_tick_records_it(prom):
+    h, url = prom
+    # No demand in Prometheus yet (it has not scraped the router since the
+    # request arrived): the wake, not the metric, brings the tier up.
+    h.answers.update({"terrace_router_inflight": 0, "terrace_router_demand_total": 0})
+    sleepy = body(device="cpu", replicas={"min": 0, "max": 3},
+                  scaling={"metric": "inflight", "target": 4,
+                           "scaleDownStabilizationSeconds": 300})  # fmt: skip
+    api = Api(replicas=0)
+    api.tier = sleepy
+    c = make(url, api)
+    assert asyncio.run(c.wake("demo", "big", ["demo"])) == (202, "0 -> 1: waking")
+    assert api.scale_patches == [1]
+    assert api.events[-1][0] == "WakingUp" and "woken by the router" in api.events[-1][1]
+    assert asyncio.run(c.wake("demo", "big", ["demo"]))[0] == 200  # awake: nothing to do
+    assert api.scale_patches == [1]
+    # The next tick records it in status, and holds the replica for the window
+    # even though Prometheus still shows no demand.
+    tick(c, sleepy)
+    assert api.scale_patches == [1]
+    last = api.status["lastScaling"][-1]
+    assert (last["from"], last["to"]) == (0, 1) and "woken by the router" in last["reason"]
+    scaling = next(x for x in api.status["conditions"] if x["type"] == "Scaling")
+    assert scaling["reason"] == "WakingUp"
+
+
+@pytest.mark.parametrize(
+    ("ns", "tier_spec", "replicas", "status"),
+    [
+        ("other", {"replicas": {"min": 0, "max": 3}}, 0, 404),  # not watched
+        ("demo", None, 0, 404),  # no such tier
+        ("demo", {"replicas": {"min": 1, "max": 3}}, 1, 409),  # never sleeps
+        ("demo", {"replicas": {"min": 0, "max": 3, "count": 0}}, 0, 409),  # an HPA drives it
+    ],
+)
+def test_the_wake_endpoint_touches_only_a_watched_sleeping_tier(prom, ns, tier_spec, replicas,
+                                                                 status):
+    _, url = prom
+    api = Api(replicas=replicas)
+    api.tier = body(device="cpu", **tier_spec) if tier_spec else None
+    c = make(url, api)
+    got, _ = asyncio.run(c.wake(ns, "big", ["demo"]))
+    assert got == status and api.scale_patches == []
