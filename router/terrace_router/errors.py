@@ -9,12 +9,11 @@ clients read `{"error": "message"}`. Nothing here ever carries a traceback.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 from starlette.responses import Response
 
-from .policy import OVERLOAD, TIMEOUT, UNAVAILABLE
+from .policy import OVERLOAD, TIMEOUT, UNAVAILABLE, retry_after_seconds
 
 
 class RouterError(Exception):
@@ -161,7 +160,7 @@ def no_answer(failures: list[Failure], wait_seconds: float) -> RouterError:
     given = [f.retry_after for f in failures if f.retry_after is not None]
     retry_after = last.retry_after if last.retry_after is not None else min(given, default=None)
     if retry_after is None and status in (429, 503):
-        retry_after = max(1, math.ceil(wait_seconds))
+        retry_after = retry_after_seconds(wait_seconds)
     if status == 429:
         return RouterError(
             429,
