@@ -1,9 +1,15 @@
 """A server process on 127.0.0.1 for tests and benchmarks: started from an
 argv, waited on until an HTTP path answers 200, read through /metrics, and
-stopped by its PID (never by name)."""
+stopped by its PID (never by name).
+
+Started with `--port 0`, a server binds a port the OS picks and prints it;
+the port is read back from its log. That is the way to start one: a port
+from free_port() is free only until somebody else binds it.
+"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -15,12 +21,23 @@ from prometheus_client.parser import text_string_to_metric_families
 __all__ = ["ServerProcess", "free_port"]
 
 
+# What uvicorn (Terrace's router and runtime) and llama-server print once
+# they listen; group 1 is the port, the one the OS picked for --port 0.
+LISTENING = re.compile(r"(?:Uvicorn running on|listening on) http://127\.0\.0\.1:(\d+)")
+
+
 class ServerProcess:
-    """`argv` must make the server listen on `port`; its output goes to `log`."""
+    """`argv` makes the server listen on `port`; its output goes to `log`.
+
+    With `port=0` (and `--port 0` in `argv`) the server binds a port the OS
+    picks: `wait()` reads it from the log (needed then) and sets `port`/`url`.
+    """
 
     def __init__(
         self, name: str, argv: list[str], port: int, ready_path: str, log: Path | None = None
     ) -> None:
+        if port == 0 and log is None:
+            raise ValueError("a server on port 0 needs a log to report its port in")
         self.name, self.port, self.ready_path = name, port, ready_path
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log
@@ -29,7 +46,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
-        return self.log_path.read_text()[-4000:] if self.log_path else ""
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
 
     def wait(self, timeout_s: float = 180) -> ServerProcess:
         """Until `ready_path` answers 200; raises if the process exits or time runs out."""
@@ -37,6 +54,14 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            if self.port == 0:
+                assert self.log_path is not None
+                found = LISTENING.search(self.log_path.read_text(errors="replace"))
+                if found is None:
+                    time.sleep(0.1)
+                    continue
+                self.port = int(found.group(1))
+                self.url = f"http://127.0.0.1:{self.port}"
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return self

@@ -34,9 +34,16 @@ T = TypeVar("T")
 
 
 def free_port() -> int:
+    """A port free now, maybe not later: only for programs that cannot bind
+    port 0 and report it; their starter retries when it was taken."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# What a server that lost the race for its port says (errno 98, EADDRINUSE).
+PORT_TAKEN = "address already in use"
+START_ATTEMPTS = 3
 
 
 def wait_for(
@@ -150,6 +157,21 @@ class OperatorProcess:
         return [*base, *self.args]
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
+        """Start it and wait for its liveness endpoint. Its ports come from
+        free_port(), free only until somebody else binds them: when the log
+        says one was taken meanwhile, it starts again on new ones (3 tries)."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            mark = len(self.log_text())
+            try:
+                return self._start_once(timeout)
+            except AssertionError:
+                taken = PORT_TAKEN in self.log_text()[mark:].lower()
+                self.stop()
+                if not taken or attempt == START_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> OperatorProcess:
         kubeconfig = self.cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA)
         self.liveness_port, self.metrics_port = free_port(), free_port()
         env = {

@@ -10,7 +10,11 @@ import pytest
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "terrace"
 
-RELEASE, NS = "terrace", "terrace-chart"
+# Not "terrace": the operator tests apply the ClusterRoles `terrace-operator`
+# and `terrace-agent` to the same cluster, and Helm refuses to adopt objects it
+# did not create. Its own release name makes this test pass in any order.
+RELEASE, NS = "terrace-chart", "terrace-chart"
+OPERATOR = f"{RELEASE}-operator"
 
 
 def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,15 +58,15 @@ def test_install_upgrade_uninstall_leave_nothing_behind(cluster) -> None:
     )
     try:
         names = release_objects(cluster)
-        assert "deployment.apps/terrace-operator" in names
-        assert "daemonset.apps/terrace-agent" in names
+        assert f"deployment.apps/{OPERATOR}" in names
+        assert f"daemonset.apps/{RELEASE}-agent" in names
         crds = cluster.kubectl(
             "get", "crd", "modeltiers.terrace.dev", "tierrouters.terrace.dev", "-o", "name"
         )
         assert len(crds.stdout.split()) == 2
 
         # The chart's RBAC is what the operator needs, and no more.
-        sa = f"system:serviceaccount:{NS}:terrace-operator"
+        sa = f"system:serviceaccount:{NS}:{OPERATOR}"
 
         def can(verb: str, resource: str) -> bool:
             out = cluster.kubectl("auth", "can-i", verb, resource, "--as", sa, "-A", check=False)
@@ -101,7 +105,7 @@ def test_install_upgrade_uninstall_leave_nothing_behind(cluster) -> None:
             "operator.tickSeconds=5",
         )
         deploy = json.loads(
-            cluster.kubectl("get", "deployment", "terrace-operator", "-n", NS, "-o", "json").stdout
+            cluster.kubectl("get", "deployment", OPERATOR, "-n", NS, "-o", "json").stdout
         )
         env = {
             e["name"]: e.get("value")

@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from operator_harness import wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,15 +43,9 @@ spec:
 """
 
 
-def wait_for(what: str, check, timeout: float = 60.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+def unique(prefix: str) -> str:
+    """A name no earlier run on a reused cluster (TERRACE_CLUSTER_DIR) has taken."""
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 def test_cel_rule_rejects_with_its_message(cluster) -> None:
@@ -61,8 +56,8 @@ def test_cel_rule_rejects_with_its_message(cluster) -> None:
     ok = "apiVersion: check.terrace.dev/v1\nkind: Widget\nmetadata: {name: ok, namespace: default}\nspec: {min: 1, max: 2}\n"
     bad = ok.replace("name: ok", "name: bad").replace("min: 1, max: 2", "min: 3, max: 2")
     wait_for(
-        "the CRD to serve",
         lambda: cluster.kubectl("apply", "-f", "-", input=ok, check=False).returncode == 0,
+        what="the CRD to serve",
     )
     out = cluster.kubectl("apply", "-f", "-", input=bad, check=False)
     assert out.returncode != 0
@@ -72,31 +67,30 @@ def test_cel_rule_rejects_with_its_message(cluster) -> None:
 
 
 def test_deployment_becomes_ready_on_the_cpu_node(cluster) -> None:
-    cluster.kubectl("create", "namespace", "cluster-check")
-    cluster.kubectl(
-        "create",
-        "deployment",
-        "web",
-        "-n",
-        "cluster-check",
-        "--image=example.invalid/web:1",
-        "--replicas=2",
-    )
-    cluster.kubectl("rollout", "status", "deployment/web", "-n", "cluster-check", "--timeout=60s")
-    pods = json.loads(
-        cluster.kubectl("get", "pods", "-n", "cluster-check", "-l", "app=web", "-o", "json").stdout
-    )
-    assert len(pods["items"]) == 2
-    # The untolerated GPU taint keeps ordinary pods off gpu-node.
-    assert {p["spec"]["nodeName"] for p in pods["items"]} == {"cpu-node"}
-    assert all(p["status"]["phase"] == "Running" for p in pods["items"])
+    ns = unique("cluster-check")
+    cluster.kubectl("create", "namespace", ns)
+    try:
+        cluster.kubectl(
+            "create", "deployment", "web", "-n", ns, "--image=example.invalid/web:1", "--replicas=2"
+        )
+        cluster.kubectl("rollout", "status", "deployment/web", "-n", ns, "--timeout=60s")
+        pods = json.loads(
+            cluster.kubectl("get", "pods", "-n", ns, "-l", "app=web", "-o", "json").stdout
+        )
+        assert len(pods["items"]) == 2
+        # The untolerated GPU taint keeps ordinary pods off gpu-node.
+        assert {p["spec"]["nodeName"] for p in pods["items"]} == {"cpu-node"}
+        assert all(p["status"]["phase"] == "Running" for p in pods["items"])
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def test_gpu_pod_lands_on_the_gpu_node(cluster) -> None:
+    name = unique("gpu-check")
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "gpu-check", "namespace": "default"},
+        "metadata": {"name": name, "namespace": "default"},
         "spec": {
             "containers": [
                 {
@@ -107,48 +101,44 @@ def test_gpu_pod_lands_on_the_gpu_node(cluster) -> None:
             ]
         },
     }
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
-    cluster.kubectl("wait", "--for=condition=Ready", "pod/gpu-check", "--timeout=60s")
-    got = json.loads(cluster.kubectl("get", "pod", "gpu-check", "-o", "json").stdout)
-    assert got["spec"]["nodeName"] == "gpu-node"
-    # ExtendedResourceToleration added the toleration for the GPU taint.
-    assert any(t.get("key") == "nvidia.com/gpu" for t in got["spec"]["tolerations"])
-    cluster.kubectl("delete", "pod", "gpu-check", "--wait=false")
+    cluster.kubectl("create", "-f", "-", input=json.dumps(pod))
+    try:
+        cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=60s")
+        got = json.loads(cluster.kubectl("get", "pod", name, "-o", "json").stdout)
+        assert got["spec"]["nodeName"] == "gpu-node"
+        # ExtendedResourceToleration added the toleration for the GPU taint.
+        assert any(t.get("key") == "nvidia.com/gpu" for t in got["spec"]["tolerations"])
+    finally:
+        cluster.kubectl("delete", "pod", name, "--wait=false", check=False)
 
 
 def test_rbac_is_enforced_for_service_accounts(cluster) -> None:
-    cluster.kubectl("create", "namespace", "rbac-check")
-    cluster.kubectl("create", "serviceaccount", "reader", "-n", "rbac-check")
-    kubeconfig = cluster.service_account_kubeconfig("rbac-check", "reader")
-    denied = cluster.kubectl(
-        "get", "configmaps", "-n", "rbac-check", kubeconfig=kubeconfig, check=False
-    )
-    assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
-    cluster.kubectl(
-        "create", "role", "read-cm", "-n", "rbac-check", "--verb=get,list", "--resource=configmaps"
-    )
-    cluster.kubectl(
-        "create",
-        "rolebinding",
-        "read-cm",
-        "-n",
-        "rbac-check",
-        "--role=read-cm",
-        "--serviceaccount=rbac-check:reader",
-    )
-    wait_for(
-        "the RoleBinding to take effect",
-        lambda: (
-            cluster.kubectl(
-                "get", "configmaps", "-n", "rbac-check", kubeconfig=kubeconfig, check=False
-            ).returncode
-            == 0
-        ),
-    )
-    still_denied = cluster.kubectl(
-        "get", "secrets", "-n", "rbac-check", kubeconfig=kubeconfig, check=False
-    )
-    assert still_denied.returncode != 0
+    ns = unique("rbac-check")
+    cluster.kubectl("create", "namespace", ns)
+    try:
+        cluster.kubectl("create", "serviceaccount", "reader", "-n", ns)
+        kubeconfig = cluster.service_account_kubeconfig(ns, "reader")
+        denied = cluster.kubectl("get", "configmaps", "-n", ns, kubeconfig=kubeconfig, check=False)
+        assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+        cluster.kubectl(
+            "create", "role", "read-cm", "-n", ns, "--verb=get,list", "--resource=configmaps"
+        )
+        cluster.kubectl(
+            "create", "rolebinding", "read-cm", "-n", ns, "--role=read-cm",
+            f"--serviceaccount={ns}:reader",
+        )  # fmt: skip
+        wait_for(
+            lambda: cluster.kubectl(
+                "get", "configmaps", "-n", ns, kubeconfig=kubeconfig, check=False
+            ).returncode == 0,
+            what="the RoleBinding to take effect",
+        )  # fmt: skip
+        still_denied = cluster.kubectl(
+            "get", "secrets", "-n", ns, kubeconfig=kubeconfig, check=False
+        )
+        assert still_denied.returncode != 0 and "forbidden" in still_denied.stderr.lower()
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def prom_query(cluster, expr: str) -> list[dict]:
@@ -162,36 +152,33 @@ def prom_query(cluster, expr: str) -> list[dict]:
 def test_prometheus_scrapes_etcd_and_registered_targets(cluster, tmp_path: Path) -> None:
     # etcd is a real scrape target from the start.
     result = wait_for(
-        "etcd's leader metric", lambda: prom_query(cluster, 'etcd_server_has_leader{job="etcd"}')
+        lambda: prom_query(cluster, 'etcd_server_has_leader{job="etcd"}'),
+        what="etcd's leader metric",
     )
     assert float(result[0]["value"][1]) == 1.0
-    # A process registered at run time is scraped within seconds.
-    port = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])",
-        ],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    # A process registered at run time is scraped within seconds. It binds a
+    # port the OS picks and prints it (no port chosen here and reused later).
     exporter = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys,time; from prometheus_client import Gauge, start_http_server;"
-            "Gauge('terrace_check_value', 'check').set(42); start_http_server(int(sys.argv[1]), addr='127.0.0.1');"
-            "time.sleep(120)",
-            port,
+            "import time; from prometheus_client import Gauge, start_http_server;"
+            "Gauge('terrace_check_value', 'check').set(42);"
+            "server, _ = start_http_server(0, addr='127.0.0.1');"
+            "print(server.server_port, flush=True); time.sleep(120)",
         ],
+        stdout=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     try:
+        assert exporter.stdout is not None
+        port = int(exporter.stdout.readline())
         cluster.add_scrape_target("check", f"127.0.0.1:{port}", {"tier": "probe"})
         result = wait_for(
-            "the registered target's sample",
             lambda: prom_query(cluster, 'terrace_check_value{job="check",tier="probe"}'),
             timeout=30,
+            what="the registered target's sample",
         )
         assert float(result[0]["value"][1]) == 42.0
     finally:

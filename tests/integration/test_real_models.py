@@ -26,7 +26,7 @@ import openai
 import pytest
 import uvicorn
 from localproc import ServerProcess as Proc
-from localproc import free_port
+from operator_harness import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from terrace_router.app import create_app
 from terrace_router.config import RouterConfig
@@ -38,13 +38,14 @@ FEW_SHOT = "Q: What is the capital of France?\nA:"
 
 
 def runtime(name: str, folder: Path, fmt: str, logs: Path, *extra: str) -> Proc:
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1",
-        "--port", str(port), "--model", str(folder), "--format", fmt, "--name", name,
-        "--threads", "1", "--chat-template", "qa", *extra,
-    ]  # fmt: skip
-    return Proc(name, argv, port, "/v2/health/ready", logs / f"{name}.log")
+    def argv(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--model", str(folder), "--format", fmt, "--name", name,
+            "--threads", "1", "--chat-template", "qa", *extra,
+        ]  # fmt: skip
+
+    return Proc(name, argv(0), 0, "/v2/health/ready", logs / f"{name}.log")
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +71,14 @@ def servers(
     models: dict[str, Path], llama_server_bin: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Proc]]:
     logs = tmp_path_factory.mktemp("real-model-logs")
-    port = free_port()
     llama = Proc(
         "llama",
         [
             str(llama_server_bin), "-m", str(models["gguf"]), "--host", "127.0.0.1",
-            "--port", str(port), "-t", "1", "-c", "4096", "-np", "4", "-a", "gemma-llama",
+            "--port", "0", "-t", "1", "-c", "4096", "-np", "4", "-a", "gemma-llama",
             "--chat-template-file", str(QA_TEMPLATE), "--metrics",
         ],
-        port, "/health", logs / "llama.log",
+        0, "/health", logs / "llama.log",
     )  # fmt: skip
     procs = {
         "onnx": runtime("gemma-onnx", models["onnx"], "onnx", logs, "--max-batch-size", "8"),
@@ -145,13 +145,14 @@ def test_streaming_with_the_openai_client(servers, kind):
 
 
 def test_runtime_no_chat_template_is_a_clear_400(models, tmp_path):
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1",
-        "--port", str(port), "--model", str(models["onnx"]), "--format", "onnx",
-        "--name", "plain", "--threads", "1",
-    ]  # fmt: skip
-    plain = Proc("plain", argv, port, "/v2/health/ready", tmp_path / "plain.log").wait()
+    def argv(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--model", str(models["onnx"]), "--format", "onnx",
+            "--name", "plain", "--threads", "1",
+        ]  # fmt: skip
+
+    plain = Proc("plain", argv(0), 0, "/v2/health/ready", tmp_path / "plain.log").wait()
     try:
         r = httpx.post(
             plain.url + "/v1/chat/completions",
@@ -281,6 +282,8 @@ def test_concurrent_requests_each_get_their_own_answer(servers):
 
 def test_client_disconnect_stops_generation(servers):
     p = servers["onnx"]
+    served = _answers_with_status(p, "200")
+    tokens0 = p.metric("terrace_runtime_tokens_generated_total")
     with httpx.stream(
         "POST",
         p.url + "/v1/completions",
@@ -291,10 +294,24 @@ def test_client_disconnect_stops_generation(servers):
         lines = r.iter_lines()
         for _ in range(4):
             next(lines)
-    time.sleep(1.0)
+    # A stream had sent its 200: it is counted once, as that, when it ends.
+    wait_for(lambda: _answers_with_status(p, "200") == served + 1, 30,
+             what="the stream counted once it ended")  # fmt: skip
+    assert p.metric("terrace_runtime_tokens_generated_total") - tokens0 < 2000
+    assert_only_new_requests_generate(p, "onnx")
+
+
+def assert_only_new_requests_generate(p: Proc, kind: str) -> None:
+    """Nothing left generating in the background: the token counter moves by
+    exactly the tokens of one new request (a leaked generation would add its
+    own while this one runs)."""
+    assert p.metric("terrace_runtime_inflight_requests") == 0
     before = p.metric("terrace_runtime_tokens_generated_total")
-    time.sleep(1.5)
-    assert p.metric("terrace_runtime_tokens_generated_total") == before
+    body = {"model": MODEL[kind], "prompt": "Once", "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    r = httpx.post(p.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
+    assert p.metric("terrace_runtime_tokens_generated_total") - before == 8
 
 
 def _answers_with_status(p: Proc, status: str) -> float:
@@ -328,15 +345,11 @@ def test_client_disconnect_stops_non_streaming_generation(servers, kind):
         while p.metric("terrace_runtime_tokens_generated_total") - tokens0 < 8:
             assert time.monotonic() < deadline, "generation never started"
             time.sleep(0.2)
-        time.sleep(0.5)
-    time.sleep(1.0)
-    before = p.metric("terrace_runtime_tokens_generated_total")
-    time.sleep(1.5)
-    assert p.metric("terrace_runtime_tokens_generated_total") == before
-    assert before - tokens0 < 1000
-    assert _answers_with_status(p, "499") == closed + 1
+    wait_for(lambda: _answers_with_status(p, "499") == closed + 1, 30,
+             what="the request counted once, as 499")  # fmt: skip
+    assert p.metric("terrace_runtime_tokens_generated_total") - tokens0 < 1000
     assert _answers_with_status(p, "200") == served
-    assert p.metric("terrace_runtime_inflight_requests") == 0
+    assert_only_new_requests_generate(p, kind)
 
 
 def test_runtime_counts_tokens_and_joules_for_energy_per_token(servers):
@@ -353,12 +366,13 @@ def test_runtime_counts_tokens_and_joules_for_energy_per_token(servers):
 
 
 def test_a_folder_of_the_wrong_form_is_not_ready_with_the_reason(models, tmp_path):
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1",
-        "--port", str(port), "--model", str(models["torch"]), "--format", "onnx",
-    ]  # fmt: skip
-    p = Proc("wrong", argv, port, "/v2/health/live", tmp_path / "wrong.log").wait()
+    def argv(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--model", str(models["torch"]), "--format", "onnx",
+        ]  # fmt: skip
+
+    p = Proc("wrong", argv(0), 0, "/v2/health/live", tmp_path / "wrong.log").wait()
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -377,25 +391,28 @@ def test_a_folder_of_the_wrong_form_is_not_ready_with_the_reason(models, tmp_pat
 
 
 class RouterThread:
+    """The router app under uvicorn in a thread, on a socket already bound to a
+    port the OS picked."""
+
     def __init__(self, cfg: dict[str, Any]) -> None:
-        self.port = free_port()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         app = create_app(RouterConfig.model_validate(cfg))
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> RouterThread:
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: self.server.started, 30, interval=0.05, what="the router started")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        self.sock.close()
 
 
 def router_config(servers: dict[str, Proc], **escalation: Any) -> dict[str, Any]:
@@ -588,8 +605,6 @@ def test_request_edge_cases_from_a_new_user_trial(servers):
     assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
     assert choice["text"].endswith("is ")
     # A request refused on its second prompt leaves nothing generating.
-    before = p.metric("terrace_runtime_tokens_generated_total")
     r = post(prompt=["hi", "hello " * 40000], max_tokens=2000, ignore_eos=True)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    time.sleep(1.5)
-    assert p.metric("terrace_runtime_tokens_generated_total") - before <= 2
+    assert_only_new_requests_generate(p, "onnx")

@@ -77,20 +77,22 @@ def replicas(cluster: Any) -> int:
     return int(d["spec"].get("replicas") or 0)
 
 
-def _free_port_url() -> tuple[int, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # bound, never listening: connections are refused
-    return port, f"http://127.0.0.1:{port}"
+def _service_address() -> socket.socket:
+    """The sleeping tier's address, as a Service's would be: a port this test
+    holds bound but not listening (connections are refused, nobody else can
+    take it) until `_Endpoint` listens on it once a pod is ready."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
-def _runtime(name: str, port: int, model: str, log: Path) -> ServerProcess:
+def _runtime(name: str, model: str, log: Path) -> ServerProcess:
     argv = [
         sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1",
-        "--port", str(port), "--model", model, "--format", "onnx", "--name", name,
+        "--port", "0", "--model", model, "--format", "onnx", "--name", name,
         "--threads", "1", "--chat-template", "qa",
     ]  # fmt: skip
-    return ServerProcess(name, argv, port, "/v2/health/ready", log)
+    return ServerProcess(name, argv, 0, "/v2/health/ready", log)
 
 
 def _router(
@@ -108,18 +110,19 @@ def _router(
     }  # fmt: skip
     path = tmp / f"router-{wait_s:g}-{bool(wake_url)}.yaml"
     path.write_text(yaml.safe_dump(table))
-    port = free_port()
     argv = [sys.executable, "-m", "terrace_router.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), "--config", str(path)]  # fmt: skip
-    return ServerProcess("router", argv, port, "/readyz", tmp / f"{path.stem}.log")
+            "--port", "0", "--config", str(path)]  # fmt: skip
+    return ServerProcess("router", argv, 0, "/readyz", tmp / f"{path.stem}.log")
 
 
 class _Endpoint:
-    """A ready pod's address: a TCP relay from `port` to the pod's `target`."""
+    """A ready pod's address: a TCP relay from the Service's bound `sock` to
+    the pod's port `target`."""
 
-    def __init__(self, port: int, target: int) -> None:
+    def __init__(self, sock: socket.socket, target: int) -> None:
         self.target = target
-        self.sock = socket.create_server(("127.0.0.1", port))
+        self.sock = sock
+        self.sock.listen()
         self.sock.settimeout(0.2)
         self.stopping = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -173,7 +176,7 @@ def env(cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     install_crds(cluster)
     install_rbac(cluster)
     ensure_namespace(cluster, NS)
-    awake = _runtime("awake", free_port(), onnx, tmp / "awake.log")
+    awake = _runtime("awake", onnx, tmp / "awake.log")
     wake_port = free_port()
     operator = OperatorProcess(cluster, [NS], tmp / "operator.log", env={
         "TERRACE_PROMETHEUS_URL": cluster.prometheus_url,
@@ -202,19 +205,21 @@ def env(cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture
-def router(cluster, env, request) -> Iterator[tuple[ServerProcess, int]]:
-    """The real router in front of `sleepy` (nothing listens on its port
+def router(cluster, env, request) -> Iterator[tuple[ServerProcess, socket.socket]]:
+    """The real router in front of `sleepy` (nothing listens on its address
     until a test starts its process) and `awake`, scraped by Prometheus."""
-    port, url = _free_port_url()
+    address = _service_address()
+    url = f"http://127.0.0.1:{address.getsockname()[1]}"
     wait_s, woken = request.param
     server = _router(env["tmp"], url, env["awake"].url, wait_s, env["wake"] if woken else None)
     try:
         server.wait(120)
         cluster.add_scrape_target("wake-router", f"127.0.0.1:{server.port}")
-        yield server, port
+        yield server, address
     finally:
         cluster.remove_scrape_target("wake-router")
         server.stop()
+        address.close()
         wait_for(lambda: replicas(cluster) == 0, WINDOW_S + 10 * TICK + 30, interval=0.5,
                  what="the tier back at zero for the next test")  # fmt: skip
 
@@ -262,7 +267,7 @@ def test_demand_that_escalates_past_a_sleeping_tier_wakes_it(cluster, env, route
     "router", [(90, False), (90, True)], indirect=True, ids=["by-demand", "by-wake-call"]
 )
 def test_a_held_request_is_served_by_the_tier_it_woke(cluster, env, router, request):
-    server, port = router
+    server, address = router
     woken = request.node.callspec.params["router"][1]
     started: list[ServerProcess] = []
 
@@ -271,10 +276,10 @@ def test_a_held_request_is_served_by_the_tier_it_woke(cluster, env, router, requ
         # and, as a Service adds a pod only once it is ready, its address
         # starts answering only then.
         wait_for(lambda: replicas(cluster) >= 1, 90, interval=0.5, what="scaled up")
-        pod = _runtime("sleepy", free_port(), env["model"], env["tmp"] / "sleepy.log")
+        pod = _runtime("sleepy", env["model"], env["tmp"] / "sleepy.log")
         started.append(pod)
         pod.wait(300)
-        started.append(_Endpoint(port, pod.port))
+        started.append(_Endpoint(address, pod.port))
 
     runner = threading.Thread(target=kubelet, daemon=True)
     runner.start()
