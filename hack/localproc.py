@@ -13,17 +13,49 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from devcluster import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["ServerProcess", "free_port"]
+__all__ = [
+    "AGENT_PORT",
+    "PROMETHEUS_PORT",
+    "UVICORN_PORT",
+    "ServerProcess",
+    "free_port",
+    "port_from_log",
+]
 
 
-# What uvicorn (Terrace's router and runtime) and llama-server print once
-# they listen; group 1 is the port, the one the OS picked for --port 0.
-LISTENING = re.compile(r"(?:Uvicorn running on|listening on) http://127\.0\.0\.1:(\d+)")
+# What servers print once they listen; group 1 is the port, the one the OS
+# picked when they were started on port 0.
+UVICORN_PORT = r"Uvicorn running on http://127\.0\.0\.1:(\d+)"  # Terrace's router, runtime
+LLAMA_SERVER_PORT = r"listening on http://127\.0\.0\.1:(\d+)"
+PROMETHEUS_PORT = r'msg="Listening on" address=127\.0\.0\.1:(\d+)'
+AGENT_PORT = r"metrics on 127\.0\.0\.1:(\d+)"  # terrace-agent's /metrics
+LISTENING = f"{UVICORN_PORT}|{LLAMA_SERVER_PORT}"
+
+
+def port_from_log(
+    proc: subprocess.Popen[Any], log: Path, pattern: str, timeout: float = 60.0, after: int = 0
+) -> int:
+    """The port a subprocess started on port 0 reports in its log (from
+    character `after` on: a log an earlier process wrote to as well);
+    `pattern` is a regex whose first non-empty group is the port. Raises
+    RuntimeError if the process exits first, TimeoutError if it says nothing
+    in time."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = regex.search(log.read_text(errors="replace")[after:])
+        if found:
+            return int(next(g for g in found.groups() if g))
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}):\n{log.read_text()}")
+        time.sleep(0.05)
+    raise TimeoutError(f"no port in {log} after {timeout} s:\n{log.read_text()}")
 
 
 class ServerProcess:
@@ -56,11 +88,8 @@ class ServerProcess:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
             if self.port == 0:
                 assert self.log_path is not None
-                found = LISTENING.search(self.log_path.read_text(errors="replace"))
-                if found is None:
-                    time.sleep(0.1)
-                    continue
-                self.port = int(found.group(1))
+                left = deadline - time.monotonic()
+                self.port = port_from_log(self.proc, self.log_path, LISTENING, left)
                 self.url = f"http://127.0.0.1:{self.port}"
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:

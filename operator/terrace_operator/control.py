@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Protocol
 
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -305,6 +306,21 @@ class Observations:
     error: str | None = None
 
 
+class ControlMetrics:
+    """The loop's own counters; create once, in a startup hook."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # Evidence that the loop ran, per tier: "held N replicas for three
+        # ticks" can be read off the operator instead of a wall clock.
+        self.ticks = Counter(
+            "terrace_operator_control_ticks",
+            "Control-loop ticks completed per ModelTier (metrics read, replicas and power "
+            "decided, status written)",
+            ["namespace", "tier"],
+            registry=registry,
+        )
+
+
 @dataclass
 class Controller:
     """Runs ticks; one per operator process, shared by every tier's timer."""
@@ -314,6 +330,7 @@ class Controller:
     settings: ControlSettings
     energy_metrics: EnergyMetrics | None = None
     memory: dict[tuple[str, str], TierMemory] = field(default_factory=dict)
+    control_metrics: ControlMetrics | None = None
 
     def queries(self, namespace: str, name: str, nodes: tuple[str, ...] = ()) -> TierQueries:
         return TierQueries(
@@ -375,7 +392,14 @@ class Controller:
         when = now_dt.strftime("%Y-%m-%dT%H:%M:%SZ")
         involved = {"apiVersion": API_VERSION, "kind": "ModelTier", "metadata": meta}
         out: dict[str, Any] = {}
-        pp = power_policy(spec)
+        try:
+            pp = power_policy(spec)
+            power_problem = None
+        except ValueError as exc:
+            # A spec the CRD schema lets through but the policy cannot use (a
+            # window's schedule that is no cron expression): say so on
+            # PowerApplied; replicas are still decided.
+            pp, power_problem = None, str(exc)
 
         nodes: tuple[str, ...] = ()
         if spec.device == "gpu":
@@ -448,7 +472,12 @@ class Controller:
         mem.metrics_ok = metrics_ok
 
         # --- power ---
-        if spec.device == "gpu":
+        if power_problem is not None:
+            # No request is written or refreshed: the last one expires on the
+            # agent (TTL) and the GPUs drift back to their default.
+            conditions = set_condition(conditions, "PowerApplied", "False", "InvalidPowerSpec",
+                                       power_problem, generation)
+        elif spec.device == "gpu":
             conditions = await self._power(
                 namespace, name, spec, pp, obs, mem, nodes, now_dt, status, out, conditions,
                 generation, involved,
@@ -481,6 +510,8 @@ class Controller:
                     if "lastScaling" in status and "lastScaling" not in out else {}
                 ),
             })
+        if self.control_metrics is not None:
+            self.control_metrics.ticks.labels(namespace, name).inc()
 
     async def wake(self, namespace: str, name: str, watched: list[str]) -> tuple[int, str]:
         """A router holds a request for this tier and none of its pods
@@ -685,6 +716,9 @@ def register(registry: Any, settings: ControlSettings, kube: Any,
     controller = Controller(
         KubeControlApi(kube), None, settings,
         EnergyMetrics(metrics_registry) if metrics_registry is not None else None,
+        control_metrics=(
+            ControlMetrics(metrics_registry) if metrics_registry is not None else None
+        ),
     )
     watched = list(settings.namespaces if namespaces is None else namespaces)
     stop = asyncio.Event()
@@ -728,6 +762,7 @@ def register(registry: Any, settings: ControlSettings, kube: Any,
 
 
 __all__ = [
+    "ControlMetrics",
     "ControlSettings",
     "Controller",
     "TierMemory",

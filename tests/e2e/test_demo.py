@@ -10,30 +10,47 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from terrace_operator.agent.protocol import ENFORCED_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "hack"))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from demo import EASY, HARD, NS, Demo  # noqa: E402
+from operator_harness import wait_for  # noqa: E402
+
+
+def _bring_up(d: Demo) -> None:
+    d.install()
+    d.apply_samples()
+    d.run_pods()
+    d.wait_tiers_ready()
 
 
 @pytest.fixture(scope="module")
-def demo(cluster, tmp_path_factory):
+def installed(cluster, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
-    d = Demo(cluster, models_dir=models, tick_seconds=2, release="terrace-e2e", system_ns="terrace-e2e")
+    d = Demo(
+        cluster, models_dir=models, tick_seconds=2, release="terrace-e2e", system_ns="terrace-e2e"
+    )
     try:
         d.build_models()
-        d.install()
-        d.apply_samples()
-        d.run_pods()
-        d.wait_tiers_ready()
+        _bring_up(d)
         yield d
     finally:
         d.stop()
         cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+@pytest.fixture
+def demo(installed):
+    """The demo installed and running; tests run in any order, so one that
+    follows the uninstall test installs it again."""
+    if installed.runner is None:
+        _bring_up(installed)
+    return installed
 
 
 def test_easy_goes_to_cpu_and_hard_to_larger_tiers_with_real_answers(demo) -> None:
@@ -78,17 +95,30 @@ def test_load_scales_up_then_down_and_moves_the_power_limit(demo) -> None:
     def limit() -> int | None:
         return (demo.tiers()["large-gpu"].get("status") or {}).get("powerLimitWatts")
 
+    def agent_report() -> dict:
+        node = json.loads(demo.cluster.kubectl("get", "node", "gpu-node", "-o", "json").stdout)
+        return json.loads(node["metadata"]["annotations"][ENFORCED_KEY])
+
     # Idle first: the adaptive policy brings the GPU's cap down, and the agent's
     # enforced value (read back from the fake NVML) shows in status.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (limit() or 700) < 700:
-        time.sleep(1)
+    try:
+        wait_for(lambda: (limit() or 700) < 700, 60, interval=1, what="the idle GPU's cap lowered")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{demo.snapshot()}") from None
     idle_limit = limit()
     assert idle_limit is not None and 200 <= idle_limit < 700, demo.snapshot()
-    node = json.loads(demo.cluster.kubectl("get", "node", "gpu-node", "-o", "json").stdout)
-    assert any("terrace.dev" in k for k in node["metadata"].get("annotations", {})), (
-        "agent reports on its Node"
-    )
+
+    # The agent's own report on its Node: running, and the limit it enforces
+    # (read back from NVML) is the one status shows. The limit may still be
+    # walking down, so both are read together until they agree.
+    def agreed() -> dict | None:
+        report, shown = agent_report(), limit()
+        gpu = report["gpus"]["0"]
+        return gpu if report["agent"] == "running" and gpu["enforcedWatts"] == shown else None
+
+    gpu = wait_for(agreed, 30, interval=1, what="the agent's enforcedWatts in status")
+    assert gpu["defaultWatts"] == 700 and gpu["enforcedWatts"] < gpu["defaultWatts"], gpu
+    idle_limit = gpu["enforcedWatts"]
 
     before = {t: replicas(t) for t in ("small-cpu", "large-gpu")}
     counts = demo.burst(seconds=40, concurrency=24)
@@ -100,19 +130,19 @@ def test_load_scales_up_then_down_and_moves_the_power_limit(demo) -> None:
     assert loaded_limit is not None and loaded_limit > idle_limit, (idle_limit, loaded_limit)
 
     # Quiet: after the (shortened) stabilization window, back down to min.
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and any(
-        replicas(t) > demo.tiers()[t]["spec"]["replicas"]["min"] for t in before
-    ):
-        time.sleep(2)
-    assert all(replicas(t) == demo.tiers()[t]["spec"]["replicas"]["min"] for t in before), (
-        demo.snapshot()
-    )
-    last = (
-        demo.tiers()["small-cpu"]["status"].get("lastScaling")
-        or demo.tiers()["large-gpu"]["status"]["lastScaling"]
-    )
-    assert last and {"time", "from", "to", "reason"} <= set(last[-1])
+    def at_min() -> bool:
+        tiers = demo.tiers()
+        return all(replicas(t) == tiers[t]["spec"]["replicas"]["min"] for t in before)
+
+    try:
+        wait_for(at_min, 120, interval=2, what="every tier back at min replicas")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{demo.snapshot()}") from None
+    # ...and each tier that scaled up recorded its way back down in status.
+    for t in (t for t in before if peak[t] > before[t]):
+        last = demo.tiers()[t]["status"]["lastScaling"][-1]
+        assert last["from"] > last["to"] == demo.tiers()[t]["spec"]["replicas"]["min"], last
+        assert last["reason"] and last["time"], last
 
 
 def test_energy_per_request_and_per_token_is_reported(demo) -> None:
@@ -121,14 +151,13 @@ def test_energy_per_request_and_per_token_is_reported(demo) -> None:
     demo.ask(EASY[:2] + HARD[:2])
     runtimes = ("small-cpu", "large-gpu")
     keys = ("energyPerRequestJoules", "energyPerTokenJoules")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        energy = {
-            (n, k): (demo.tiers()[n].get("status") or {}).get(k) for n in runtimes for k in keys
-        }
-        if all(energy.values()):
-            break
-        time.sleep(1)
+
+    def reported() -> dict | None:
+        tiers = demo.tiers()
+        got = {(n, k): (tiers[n].get("status") or {}).get(k) for n in runtimes for k in keys}
+        return got if all(got.values()) else None
+
+    energy = wait_for(reported, 30, interval=1, what="energy per request and per token")
     assert all(float(v) > 0 for v in energy.values()), energy
     for n in runtimes:  # a token costs less than a request of several tokens
         assert float(energy[(n, keys[1])]) < float(energy[(n, keys[0])]), energy
@@ -151,9 +180,9 @@ def test_uninstall_cleans_up(demo) -> None:
     demo.cluster.kubectl(
         "delete", "mtier,trouter", "--all", "-n", NS, "--wait=true", "--timeout=60s"
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        children = demo.cluster.kubectl(
+
+    def children() -> list[str]:
+        return demo.cluster.kubectl(
             "get",
             "deployments,services,configmaps",
             "-n",
@@ -163,7 +192,5 @@ def test_uninstall_cleans_up(demo) -> None:
             "-o",
             "name",
         ).stdout.split()
-        if not children:
-            break
-        time.sleep(1)
-    assert children == []
+
+    wait_for(lambda: not children(), 60, interval=1, what="every child gone")

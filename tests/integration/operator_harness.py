@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from localproc import AGENT_PORT, port_from_log
 from terrace_operator import manifests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,8 +141,11 @@ class OperatorProcess:
         log_path: Path,
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
+        wake: bool = False,
     ) -> None:
         self.cluster = cluster
+        self.wake = wake  # serve the wake endpoint (on wake_port, chosen at start)
+        self.wake_port = 0
         self.args = args or []
         self.namespaces = namespaces
         self.log_path = log_path
@@ -174,6 +178,10 @@ class OperatorProcess:
     def _start_once(self, timeout: float) -> OperatorProcess:
         kubeconfig = self.cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA)
         self.liveness_port, self.metrics_port = free_port(), free_port()
+        wake = {}
+        if self.wake:
+            self.wake_port = free_port()
+            wake = {"TERRACE_WAKE_HOST": "127.0.0.1", "TERRACE_WAKE_PORT": str(self.wake_port)}
         env = {
             **os.environ,
             "KUBECONFIG": str(kubeconfig),
@@ -183,6 +191,7 @@ class OperatorProcess:
             "TERRACE_METRICS_PORT": str(self.metrics_port),
             "TERRACE_RUNTIME_IMAGE": "terrace:test",
             "TERRACE_ROUTER_IMAGE": "terrace:test",
+            **wake,
             **self.extra_env,
         }
         self._log_file = open(self.log_path, "a")  # noqa: SIM115 (closed in stop)
@@ -197,6 +206,11 @@ class OperatorProcess:
         )
         wait_for(self._alive, timeout, what="operator liveness endpoint")
         return self
+
+    def wake_url(self, namespace: str, name: str = "") -> str:
+        """The wake endpoint for a tier (or, without `name`, its namespace's prefix)."""
+        assert self.wake_port, "started with wake=True"
+        return f"http://127.0.0.1:{self.wake_port}/wake/{namespace}" + (f"/{name}" if name else "")
 
     def _alive(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
@@ -247,3 +261,44 @@ class OperatorProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+class AgentProcess:
+    """`terrace-agent` for one Node with `gpus` fake H100s (700 W default,
+    200-700 W), as its ServiceAccount (`kubeconfig`); its /metrics on a port
+    the OS picks (`port`); stopped by its PID. `load_file` holds the fake
+    GPUs' utilisation (0..1) when given."""
+
+    def __init__(
+        self, kubeconfig: Path, node: str, log: Path, gpus: int = 1, load_file: Path | None = None
+    ) -> None:
+        exe = shutil.which("terrace-agent")
+        cmd = [exe] if exe else [sys.executable, "-m", "terrace_operator.agent.cli"]
+        mark = len(log.read_text(errors="replace")) if log.exists() else 0
+        self.log_path = log
+        self.log = open(log, "a")  # noqa: SIM115 - closed in stop()
+        load = ["--fake-load-file", str(load_file)] if load_file is not None else []
+        self.proc = subprocess.Popen(
+            [*cmd, "--node-name", node, "--kubeconfig", str(kubeconfig),
+             "--fake-gpus", str(gpus), "--fake-model", "h100", *load,
+             "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--interval", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            self.port = port_from_log(self.proc, log, AGENT_PORT, after=mark)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> int | None:
+        """SIGTERM (the agent restores the default limits), then its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if not self.log.closed:
+            self.log.close()
+        return self.proc.returncode

@@ -42,7 +42,6 @@ from localproc import ServerProcess  # noqa: E402
 from operator_harness import (  # noqa: E402
     OperatorProcess,
     ensure_namespace,
-    free_port,
     install_crds,
     install_rbac,
     kubectl_json,
@@ -177,14 +176,11 @@ def env(cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     install_rbac(cluster)
     ensure_namespace(cluster, NS)
     awake = _runtime("awake", onnx, tmp / "awake.log")
-    wake_port = free_port()
     operator = OperatorProcess(cluster, [NS], tmp / "operator.log", env={
         "TERRACE_PROMETHEUS_URL": cluster.prometheus_url,
         "TERRACE_CONTROL_INTERVAL_SECONDS": str(TICK),
         "TERRACE_METRICS_WINDOW": "10s",
-        "TERRACE_WAKE_HOST": "127.0.0.1",
-        "TERRACE_WAKE_PORT": str(wake_port),
-    })  # fmt: skip
+    }, wake=True)  # fmt: skip
     try:
         awake.wait(300)
         operator.start()
@@ -194,7 +190,7 @@ def env(cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
             "tmp": tmp,
             "awake": awake,
             "model": onnx,
-            "wake": f"http://127.0.0.1:{wake_port}/wake/{NS}/sleepy",
+            "wake": operator.wake_url(NS, "sleepy"),
         }
     finally:
         cluster.kubectl("delete", "modeltier", "sleepy", "-n", NS, "--ignore-not-found",

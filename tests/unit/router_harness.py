@@ -11,7 +11,6 @@ import contextlib
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any
 
 import httpx
 import openai
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from served import ServerThread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -52,6 +51,8 @@ class StubControl:
     token_delay: float = 0.0  # between streamed tokens
     stream_error: bool = False  # end streams with an in-band error event
     healthy: bool = True  # GET /v1/models and /v2/health/ready answer 200 (else 500)
+    gate: threading.Event | None = None  # when set up: requests wait until it is set
+    health_checks: int = 0  # GET /v1/models and /v2/health/ready answered
     streams_completed: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
     inflight: int = 0
@@ -60,6 +61,8 @@ class StubControl:
 
 def stub_app(ctl: StubControl) -> Starlette:
     async def _behave() -> Response | None:
+        while ctl.gate is not None and not ctl.gate.is_set():
+            await asyncio.sleep(0.01)
         if ctl.mode == "fail":
             return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
         if ctl.mode == "slow" or ctl.delay:
@@ -153,6 +156,7 @@ def stub_app(ctl: StubControl) -> Starlette:
         ctl.streams_completed += 1
 
     async def health(request: Request) -> Response:
+        ctl.health_checks += 1
         if not ctl.healthy:
             return JSONResponse({"error": {"message": "broken", "type": "server_error"}}, 500)
         return JSONResponse({"object": "list", "data": [{"id": ctl.name, "object": "model"}]})
@@ -196,37 +200,6 @@ def stub_app(ctl: StubControl) -> Starlette:
             Route("/v2/models/{name}/infer", v2_infer, methods=["POST"]),
         ]
     )
-
-
-class ServerThread:
-    """A uvicorn server on 127.0.0.1 (a port the OS picks) in a thread."""
-
-    def __init__(self, app: Any, port: int = 0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        )
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def start(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
 
 
 class RawTier:

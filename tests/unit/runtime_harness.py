@@ -1,18 +1,15 @@
 """A runtime in the test process: a tiny byte-level text model, built in
 seconds by the demo builder's own code, served by `create_app` on uvicorn
-(127.0.0.1, a free port) in a thread, so tests can reach both its HTTP API
+(127.0.0.1, a port the OS picks) in a thread, so tests can reach both its HTTP API
 and its in-memory state."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -22,6 +19,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from served import ServerThread
 from terrace_runtime.app import create_app
 from terrace_runtime.settings import ServeSettings
 from terrace_runtime.state import RuntimeState
@@ -46,29 +44,21 @@ def build_byte_model(out: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ServedRuntime:
     """`terrace-runtime serve` in this process; a context manager."""
 
     def __init__(self, model: Path, **settings: Any) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.settings = ServeSettings(
             model=str(model), format="onnx", name=MODEL, threads=1, **settings
         )
         self.state = RuntimeState.from_settings(self.settings)
         self.app = create_app(self.settings, self.state)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = ServerThread(self.app)
+        self.port = self.server.port
+        self.url = self.server.url
 
     def __enter__(self) -> ServedRuntime:
-        self.thread.start()
+        self.server.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -81,8 +71,7 @@ class ServedRuntime:
         raise TimeoutError(f"runtime not ready: {self.state.reason}")
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
+        self.server.stop()
 
     def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
         """Every sample called `name` on /metrics, with its labels."""
@@ -99,6 +88,15 @@ class ServedRuntime:
         return sum(
             v for lbl, v in self.samples(name) if all(lbl.get(k) == x for k, x in labels.items())
         )
+
+    def wait_generating(self, before: float, timeout: float = 30) -> None:
+        """Until more than `before` tokens have been generated (a request sent
+        since has started); fails after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while self.metric("terrace_runtime_tokens_generated_total") <= before:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no token generated in {timeout} s")
+            time.sleep(0.02)
 
     def tokens_when_settled(self) -> float:
         """Tokens generated so far, once the count has stopped moving; fails

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +20,7 @@ from terrace_operator.agent.fake import (
     runtime_metrics_load,
 )
 from terrace_operator.agent.metrics import AgentCollector
+from terrace_runtime.metrics import RuntimeMetrics
 
 
 class Clock:
@@ -214,33 +213,20 @@ def test_file_load(tmp_path):
 
 
 def test_runtime_metrics_load_over_real_http():
-    busy = {"v": 0.0}
-
-    class H(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = (f'# TYPE terrace_runtime_busy_seconds_total counter\n'
-                    f'terrace_runtime_busy_seconds_total{{model="m"}} {busy["v"]}\n').encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
+    # The runtime's own metrics (its registry, as its /metrics serves them).
+    metrics = RuntimeMetrics("m", energy=None)
+    server, thread = start_http_server(0, "127.0.0.1", metrics.registry)
     clock = Clock()
     try:
-        read = runtime_metrics_load(f"http://127.0.0.1:{srv.server_address[1]}/metrics", clock)
+        read = runtime_metrics_load(f"http://127.0.0.1:{server.server_port}/metrics", clock)
         assert read(0) == 0.0
         clock.t += 2
-        busy["v"] = 1.2
+        metrics.observe_batch(1, wall_s=1.2, cpu_s=0.0)  # busy 1.2 s of the last 2
         assert read(0) == pytest.approx(0.6)
         clock.t += 0.5  # polled at most once a second
-        busy["v"] = 100
+        metrics.observe_batch(1, wall_s=98.8, cpu_s=0.0)
         assert read(0) == pytest.approx(0.6)
     finally:
-        srv.shutdown()
-        srv.server_close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

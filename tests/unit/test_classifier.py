@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,19 +32,26 @@ from terrace_router.classifier.model import builtin_dir, read_inputs
 
 # The shared routing data (see its README) sits in shared/ beside the clone,
 # in development and in CI alike; TERRACE_ROUTING_DATA points elsewhere.
-DATA = Path(os.environ.get(
-    "TERRACE_ROUTING_DATA",
-    Path(__file__).resolve().parents[3] / "shared" / "data" / "routing" / "mmlu_routing.jsonl"))
+DATA = Path(
+    os.environ.get(
+        "TERRACE_ROUTING_DATA",
+        Path(__file__).resolve().parents[3] / "shared" / "data" / "routing" / "mmlu_routing.jsonl",
+    )
+)
 
-MC = ("Which of the following is NOT a prime number?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:")
-CHAT = ["hi, how are you?", "What is the capital of France?",
-        "Summarise the plot of Hamlet in three sentences."]
+MC = "Which of the following is NOT a prime number?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:"
+CHAT = [
+    "hi, how are you?",
+    "What is the capital of France?",
+    "Summarise the plot of Hamlet in three sentences.",
+]
 
 
 @pytest.fixture(scope="module")
 def data() -> Path:
-    assert DATA.is_file(), (f"routing data not found at {DATA}; set TERRACE_ROUTING_DATA to "
-                            "mmlu_routing.jsonl")
+    assert DATA.is_file(), (
+        f"routing data not found at {DATA}; set TERRACE_ROUTING_DATA to mmlu_routing.jsonl"
+    )
     return DATA
 
 
@@ -77,7 +85,8 @@ def test_shipped_metadata_matches_the_code(builtin: Classifier) -> None:
 
 
 def test_shipped_model_was_built_from_the_shared_data(builtin: Classifier, data: Path) -> None:
-    assert builtin.metadata["train"]["data_sha256"] == training.file_sha256(data)
+    # hashlib directly, not the trainer's own helper that wrote the field
+    assert builtin.metadata["train"]["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     subjects = builtin.metadata["metrics"]["leave_subjects_out"]
     assert len(subjects["parts"]) == 10
     mean = subjects["mean_apgr"]
@@ -86,8 +95,17 @@ def test_shipped_model_was_built_from_the_shared_data(builtin: Classifier, data:
 
 
 def test_scores_are_in_unit_interval_for_odd_input(builtin: Classifier) -> None:
-    odd = ["", " ", "\n" * 100, "é" * 3000, "\ud800 lone surrogate", "1" * 10000,
-           "A. x\nB. y\nAnswer:", MC * 300, "\x00" * 50]
+    odd = [
+        "",
+        " ",
+        "\n" * 100,
+        "é" * 3000,
+        "\ud800 lone surrogate",
+        "1" * 10000,
+        "A. x\nB. y\nAnswer:",
+        MC * 300,
+        "\x00" * 50,
+    ]
     parts = builtin.scores(odd)
     for name in ("score", "model", "prior", "in_domain"):
         values = getattr(parts, name)
@@ -97,7 +115,8 @@ def test_scores_are_in_unit_interval_for_odd_input(builtin: Classifier) -> None:
 
 
 def test_prompts_unlike_the_training_data_are_scored_by_the_prior(
-        builtin: Classifier, data: Path) -> None:
+    builtin: Classifier, data: Path
+) -> None:
     """Out of distribution, the score is the domain-free prior (no encoder run);
     in distribution, the learned model speaks."""
     parts = builtin.scores(CHAT + ["Write a Python function that merges two sorted lists."])
@@ -154,8 +173,9 @@ def test_one_owner_for_clipping(builtin: Classifier) -> None:
     clipped = long[:CLIP_HEAD] + "\n" + long[-CLIP_TAIL:]
     assert x[1:] == extract(clipped)[1:]
     inputs = read_inputs([long], builtin.encoder)
-    np.testing.assert_array_equal(inputs.embeddings[0],
-                                  builtin.encoder.embed([encoder_text(long)])[0])
+    np.testing.assert_array_equal(
+        inputs.embeddings[0], builtin.encoder.embed([encoder_text(long)])[0]
+    )
     assert builtin.score(long) == pytest.approx(float(builtin.model.score(inputs)[0]))
 
 
@@ -181,10 +201,14 @@ def test_refuses_a_model_for_other_features_or_format(tmp_path: Path) -> None:
     _copy_builtin(tmp_path)
     meta = json.loads((tmp_path / "metadata.json").read_text())
     Classifier.load(tmp_path)  # as copied: fine
-    for key, value, message in (("feature_spec", {**meta["feature_spec"],
-                                                  "version": FEATURE_SPEC_VERSION + 1},
-                                 "feature spec version"),
-                                ("format_version", 1, "format version 1")):
+    for key, value, message in (
+        (
+            "feature_spec",
+            {**meta["feature_spec"], "version": FEATURE_SPEC_VERSION + 1},
+            "feature spec version",
+        ),
+        ("format_version", 1, "format version 1"),
+    ):
         (tmp_path / "metadata.json").write_text(json.dumps({**meta, key: value}))
         with pytest.raises(ValueError, match=message):
             Classifier.load(tmp_path)
@@ -204,8 +228,13 @@ def test_encoder_embeddings_are_unit_length_and_batch_free(builtin: Classifier) 
     one = np.vstack([builtin.encoder.embed([t]) for t in texts])
     np.testing.assert_allclose(np.linalg.norm(one, axis=1), 1.0, atol=1e-5)
     # Similar meaning, similar embedding: the encoder is a real one.
-    a, b, c = builtin.encoder.embed(["The cat sat on the mat.", "A cat is sitting on a rug.",
-                                     "Quarterly revenue rose by four percent."])
+    a, b, c = builtin.encoder.embed(
+        [
+            "The cat sat on the mat.",
+            "A cat is sitting on a rug.",
+            "Quarterly revenue rose by four percent.",
+        ]
+    )
     assert a @ b > a @ c + 0.2
 
 
@@ -231,8 +260,9 @@ def test_apgr_of_oracle_random_and_inverse_routers() -> None:
 
 def test_check_needs_the_mean_margin_and_no_fold_below_length() -> None:
     def part(clf: float, length: float) -> evaluation.Part:
-        return evaluation.Part("p", 10, 0.5, 0.7, {},
-                               {"classifier": clf, "length": length, "random": 0.5})
+        return evaluation.Part(
+            "p", 10, 0.5, 0.7, {}, {"classifier": clf, "length": length, "random": 0.5}
+        )
 
     good = evaluation.SplitResult("s", [part(0.62, 0.55), part(0.60, 0.56)], [])
     assert evaluation.check(good)[0]
@@ -279,8 +309,10 @@ def test_held_out_subjects_beat_length_and_random(builtin: Classifier, data: Pat
 
 def test_training_is_deterministic(subset: Path, tmp_path: Path) -> None:
     for out in ("a", "b"):
-        assert cli.main(["train", "--data", str(subset), "--out", str(tmp_path / out),
-                         "--no-eval"]) == 0
+        assert (
+            cli.main(["train", "--data", str(subset), "--out", str(tmp_path / out), "--no-eval"])
+            == 0
+        )
     for name in ("metadata.json", "support.npy"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
@@ -289,8 +321,9 @@ def test_training_is_deterministic(subset: Path, tmp_path: Path) -> None:
     assert 0.0 <= clf.score("hello") <= 1.0
 
 
-def test_cli_eval_prints_the_table_and_verdict(subset: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_eval_prints_the_table_and_verdict(
+    subset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = cli.main(["eval", "--data", str(subset), "--check"])
     out = capsys.readouterr().out
     assert "split: leave-subjects-out" in out and "split: leave-category-out" in out
@@ -299,15 +332,16 @@ def test_cli_eval_prints_the_table_and_verdict(subset: Path,
     assert last.startswith(("PASS", "FAIL")) and (code == 0) == last.startswith("PASS")
 
 
-def test_cli_score_text_file_and_explain(subset: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_score_text_file_and_explain(subset: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["score", "hello there"]) == 0
     assert 0.0 <= float(capsys.readouterr().out.strip()) <= 1.0
     assert cli.main(["score", "--data", str(subset)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(subset.read_text().strip().splitlines())
-    exam = ("Which organelle is the site of aerobic respiration in eukaryotic cells?\n"
-            "A. Ribosome\nB. Mitochondrion\nC. Golgi apparatus\nD. Lysosome\nAnswer:")
+    exam = (
+        "Which organelle is the site of aerobic respiration in eukaryotic cells?\n"
+        "A. Ribosome\nB. Mitochondrion\nC. Golgi apparatus\nD. Lysosome\nAnswer:"
+    )
     assert cli.main(["score", "--explain", exam]) == 0
     parts = json.loads(capsys.readouterr().out)
     assert set(parts) == {"score", "model", "prior", "in_domain"}
@@ -320,15 +354,19 @@ def test_cli_score_text_file_and_explain(subset: Path,
 ROW = {"prompt": "x", "source": "s", "small_correct": True, "large_correct": False}
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ({"prompt": "x"}, "bad.jsonl:1: 'source' must be a string"),
-    ({**ROW, "small_correct": "false"}, "'small_correct' must be true or false"),
-    ({**ROW, "large_correct": None}, "'large_correct' must be true or false"),
-    ({**ROW, "prompt": 42}, "'prompt' must be a string"),
-    ([1, 2], "not a routing row"),
-])
-def test_train_refuses_bad_rows_naming_the_line(tmp_path: Path, line: object, message: str,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"prompt": "x"}, "bad.jsonl:1: 'source' must be a string"),
+        ({**ROW, "small_correct": "false"}, "'small_correct' must be true or false"),
+        ({**ROW, "large_correct": None}, "'large_correct' must be true or false"),
+        ({**ROW, "prompt": 42}, "'prompt' must be a string"),
+        ([1, 2], "not a routing row"),
+    ],
+)
+def test_train_refuses_bad_rows_naming_the_line(
+    tmp_path: Path, line: object, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(line) + "\n")
     assert cli.main(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
@@ -336,22 +374,40 @@ def test_train_refuses_bad_rows_naming_the_line(tmp_path: Path, line: object, me
     assert message in err and "Traceback" not in err
 
 
-def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, subset: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_bad_input_without_a_traceback(
+    tmp_path: Path, subset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["score"]) == 2
-    for content, message in ((b'{"prompt": 42}\n', "string 'prompt'"),
-                             (b"\xff\xfe junk\n", "not UTF-8 text"),
-                             (b"not json\n", "prompts.jsonl:1: not JSON")):
+    for content, message in (
+        (b'{"prompt": 42}\n', "string 'prompt'"),
+        (b"\xff\xfe junk\n", "not UTF-8 text"),
+        (b"not json\n", "prompts.jsonl:1: not JSON"),
+    ):
         (tmp_path / "prompts.jsonl").write_bytes(content)
         assert cli.main(["score", "--data", str(tmp_path / "prompts.jsonl")]) == 2
         assert message in capsys.readouterr().err
-    for argv, message in ((["eval", "--data", str(subset), "--folds", "1"], "at least 2 folds"),
-                          (["eval", "--data", str(subset), "--folds", "500"], "at least 500"),
-                          (["train", "--data", str(subset), "--out", str(tmp_path / "o"),
-                            "--similarity-untrusted", "0.5", "--similarity-trusted", "0.4"],
-                           "similarity_untrusted < similarity_trusted"),
-                          (["train", "--data", str(subset), "--out", str(tmp_path / "o"),
-                            "--l2-embedding", "-1"], "L2 strengths must be >= 0")):
+    for argv, message in (
+        (["eval", "--data", str(subset), "--folds", "1"], "at least 2 folds"),
+        (["eval", "--data", str(subset), "--folds", "500"], "at least 500"),
+        (
+            [
+                "train",
+                "--data",
+                str(subset),
+                "--out",
+                str(tmp_path / "o"),
+                "--similarity-untrusted",
+                "0.5",
+                "--similarity-trusted",
+                "0.4",
+            ],
+            "similarity_untrusted < similarity_trusted",
+        ),
+        (
+            ["train", "--data", str(subset), "--out", str(tmp_path / "o"), "--l2-embedding", "-1"],
+            "L2 strengths must be >= 0",
+        ),
+    ):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
@@ -397,17 +453,21 @@ def test_a_fold_where_both_tiers_are_equal_is_reported_not_fatal(subset: Path) -
 def test_exam_words_that_look_like_code_cues_do_not_pin_the_score(builtin: Classifier) -> None:
     """The model learns the task cues' weights: "function" in a biology question
     is not a code request (fixed weights sent all such questions to the large tier)."""
-    q = ("Which of the following is the primary {} of mitochondria in eukaryotic cells?\n"
-         "A. Protein synthesis\nB. ATP production\nC. Lipid storage\nD. DNA replication\n"
-         "Answer:")
+    q = (
+        "Which of the following is the primary {} of mitochondria in eukaryotic cells?\n"
+        "A. Protein synthesis\nB. ATP production\nC. Lipid storage\nD. DNA replication\n"
+        "Answer:"
+    )
     with_cue, without = builtin.scores([q.format("function"), q.format("role")]).score
     assert abs(with_cue - without) < 0.1, (with_cue, without)
 
 
 def test_a_lone_surrogate_is_scored_not_an_error(builtin: Classifier) -> None:
-    exam = ("Which organelle is the site of aerobic respiration in eukaryotic cells, the "
-            "mito\ud800chondrion or another?\nA. Ribosome\nB. Mitochondrion\nC. Golgi "
-            "apparatus\nD. Lysosome\nAnswer:")
+    exam = (
+        "Which organelle is the site of aerobic respiration in eukaryotic cells, the "
+        "mito\ud800chondrion or another?\nA. Ribosome\nB. Mitochondrion\nC. Golgi "
+        "apparatus\nD. Lysosome\nAnswer:"
+    )
     assert builtin.needs_encoder(builtin.features(exam))  # the encoder reads it
     assert 0.0 <= builtin.score(exam) <= 1.0
     assert encoder_text(exam).encode("utf-8")

@@ -31,8 +31,12 @@ def test_a_key_added_while_processing_waits_for_done() -> None:
         q.add("a")  # an event arrives mid-reconcile
         # Not handed to a second worker while the first still holds it.
         getter = asyncio.create_task(q.get())
-        await asyncio.sleep(0.01)
+        # Turns on the loop, not wall time: a key that could be handed out
+        # would be taken on the getter's first turn.
+        for _ in range(5):
+            await asyncio.sleep(0)
         assert not getter.done()
+        assert len(q) == 1  # still pending, for whoever gets it after done()
         q.done(key)
         assert await asyncio.wait_for(getter, 1) == "a"
 

@@ -11,15 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import socket
-import subprocess
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from served import Prometheus, refusing_url
 from terrace_operator.prometheus import (
     AmbiguousResult,
     BadValue,
@@ -31,44 +28,10 @@ from terrace_operator.prometheus import (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def real_prometheus(tmp_path_factory):
-    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-    d = tmp_path_factory.mktemp("prom")
-    port = _free_port()
-    (d / "prometheus.yml").write_text(json.dumps({"global": {"scrape_interval": "1s"}}))
-    proc = subprocess.Popen(
-        [binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail("Prometheus did not become ready")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with Prometheus(tmp_path_factory.mktemp("prom"), {"global": {"scrape_interval": "1s"}}) as p:
+        yield p.url
 
 
 def run(coro):
@@ -155,9 +118,16 @@ def canned():
 
 
 def vec(*values, labels=None):
-    return {"status": "success", "data": {"resultType": "vector", "result": [
-        {"metric": labels or {"i": str(i)}, "value": [1700000000.0, v]}
-        for i, v in enumerate(values)]}}
+    return {
+        "status": "success",
+        "data": {
+            "resultType": "vector",
+            "result": [
+                {"metric": labels or {"i": str(i)}, "value": [1700000000.0, v]}
+                for i, v in enumerate(values)
+            ],
+        },
+    }
 
 
 def test_http_500_is_unavailable(canned):
@@ -189,8 +159,12 @@ def test_edge_bodies(canned):
     with pytest.raises(PrometheusUnavailable):
         run(_value(canned(200, vec("not-a-number")), "x"))
     with pytest.raises(QueryError, match="range vector"):
-        run(_value(canned(200, {"status": "success", "data": {"resultType": "matrix",
-                                                              "result": []}}), "x[1m]"))
+        run(
+            _value(
+                canned(200, {"status": "success", "data": {"resultType": "matrix", "result": []}}),
+                "x[1m]",
+            )
+        )
     assert run(_value(canned(200, vec("42")), "x")) == 42.0
 
 
@@ -201,8 +175,8 @@ def test_timeout_is_unavailable(canned):
 
 
 def test_connection_refused_is_unavailable():
-    with pytest.raises(PrometheusUnavailable, match="cannot reach"):
-        run(_value(f"http://127.0.0.1:{_free_port()}", "x"))
+    with refusing_url() as url, pytest.raises(PrometheusUnavailable, match="cannot reach"):
+        run(_value(url, "x"))
 
 
 def test_builtin_queries_per_metric():

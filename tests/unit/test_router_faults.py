@@ -29,6 +29,7 @@ from router_harness import (
     samples,
     serve_router,
 )
+from served import Reserved
 
 pytestmark = pytest.mark.usefixtures("router_keys")
 
@@ -161,9 +162,9 @@ def faulty(request: pytest.FixtureRequest, stubs, servers) -> Callable[[str], tu
     def start(fault: str, read_timeout: float = READ_TIMEOUT) -> tuple[str, Upstream]:
         up = Upstream(fault)
         if fault == "refused":
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening
+            reserved = Reserved()  # bound, never listening
+            servers.append(reserved)
+            endpoint = reserved.url
         else:
             servers.append(up.raw.start())
             endpoint = up.raw.url
@@ -304,12 +305,17 @@ def test_request_errors_never_eject_a_healthy_tier(stubs, servers, quiet):
         assert (
             c.chat.completions.with_raw_response.create(**CHAT).headers["x-terrace-tier"] == "small"
         )
-    time.sleep(0.3)  # past ejectSeconds: no recent success to lean on
+    time.sleep(0.3)  # time passes beyond ejectSeconds: no recent success to lean on
     small.mode = "fail"  # answers 500 to what follows, as to a poisoned request
+    checks = small.health_checks
     for _ in range(5):
         with pytest.raises(openai.InternalServerError):
             c.chat.completions.create(**CHAT)
-        time.sleep(0.05)  # let the health check it may have started answer
+    # The 500s made it a suspect: it was asked for its health, and answered.
+    deadline = time.monotonic() + 10
+    while small.health_checks == checks:
+        assert time.monotonic() < deadline, "no health check after repeated 500s"
+        time.sleep(0.02)
     small.mode = "ok"
     raw = c.chat.completions.with_raw_response.create(**{**CHAT, "model": "auto"})
     assert raw.headers["x-terrace-tier"] == "small" and "x-terrace-escalated" not in raw.headers

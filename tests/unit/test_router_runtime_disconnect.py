@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Iterator
 
 import pytest
-from router_harness import ServerThread
 from runtime_harness import MODEL, ServedRuntime, build_byte_model
+from served import ServerThread
 from terrace_router.app import create_app
 from terrace_router.config import RouterConfig
 
@@ -53,11 +52,12 @@ def test_leaving_the_router_stops_the_runtime(served, stream):
     ).encode()
     with socket.create_connection(("127.0.0.1", port)) as conn:
         conn.sendall(head + body)
-        time.sleep(1.0)
-        conn.settimeout(0)
+        runtime.wait_generating(start)  # the router's attempt reached the runtime
         if stream:
+            conn.settimeout(30)
             assert conn.recv(65536).startswith(b"HTTP/1.1 200")
         else:
+            conn.settimeout(0)
             with pytest.raises(BlockingIOError):
                 conn.recv(1)  # no answer yet: still generating
     generated = runtime.tokens_when_settled() - start

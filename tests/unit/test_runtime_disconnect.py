@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -25,21 +24,24 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedRuntime]
         yield served
 
 
-def _leave_after(runtime: ServedRuntime, path: str, body: dict[str, object], s: float) -> None:
-    """POST `body` on a raw socket and close it `s` seconds later, while the
-    answer is still coming (a stream) or has not come (otherwise)."""
+def _leave_generating(runtime: ServedRuntime, path: str, body: dict[str, object]) -> None:
+    """POST `body` on a raw socket and close it once the runtime generates
+    for it, while the answer is still coming (a stream; its head has come)
+    or has not come (otherwise)."""
     raw = json.dumps(body).encode()
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(raw)}\r\n\r\n"
     ).encode()
+    before = runtime.metric("terrace_runtime_tokens_generated_total")
     with socket.create_connection(("127.0.0.1", runtime.port)) as conn:
         conn.sendall(head + raw)
-        time.sleep(s)
-        conn.settimeout(0)
+        runtime.wait_generating(before)
         if body.get("stream"):
+            conn.settimeout(30)
             assert conn.recv(65536).startswith(b"HTTP/1.1 200")
         else:
+            conn.settimeout(0)
             with pytest.raises(BlockingIOError):
                 conn.recv(1)  # no answer yet: it is still generating
 
@@ -66,7 +68,7 @@ def test_a_client_that_leaves_stops_its_generation(runtime, case, stream):
         for s in ("200", "499", "500")
     }
 
-    _leave_after(runtime, path, {**body, **extra}, 0.5)
+    _leave_generating(runtime, path, {**body, **extra})
 
     generated = runtime.tokens_when_settled() - start
     sequences = 4 if case == "completions-n2" else 1
@@ -83,11 +85,10 @@ def test_a_client_that_leaves_stops_its_generation(runtime, case, stream):
 
 def test_the_engine_serves_on_after_a_client_left(runtime):
     """The cancelled sequences left the batch: a new request is answered in full."""
-    _leave_after(
+    _leave_generating(
         runtime,
         "/v1/completions",
         {"model": MODEL, "prompt": "x", "max_tokens": MAX_TOKENS, "ignore_eos": True},
-        0.3,
     )
     runtime.tokens_when_settled()
     r = httpx.post(

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,38 +19,47 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from localproc import UVICORN_PORT, port_from_log
 from prometheus_client.parser import text_string_to_metric_families
-from terrace_runtime.cgroup import container_threads
 
 STARTUP_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# The one core the `tensor` server is pinned to: its default thread count
+# must come out as 1 whatever the host has.
+ONE_CORE = {min(os.sched_getaffinity(0))}
 
 
 class Server:
-    """One `terrace-runtime serve` process, stopped by PID."""
+    """One `terrace-runtime serve` process on port 0 (the port it bound is read
+    from its log), stopped by PID; `cores` pins it to those CPUs."""
 
-    def __init__(self, name: str, args: list[str], workdir: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], workdir: Path, cores: set[int] | None = None
+    ) -> None:
         self.name = name
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = ""
         self.log_path = workdir / f"{name}.log"
         env = {**os.environ, "TERRACE_RUNTIME_CACHE_DIR": str(workdir / "cache")}
         self._log = self.log_path.open("w")
+        # `-m terrace_runtime.cli`, or the same after pinning itself to `cores`
+        # (in the child's own code: a preexec_fn is unsafe beside threads).
+        start = ["-m", "terrace_runtime.cli"]
+        if cores is not None:
+            start = [
+                "-c",
+                f"import os, runpy; os.sched_setaffinity(0, {sorted(cores)}); "
+                "runpy.run_module('terrace_runtime.cli', run_name='__main__', alter_sys=True)",
+            ]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "terrace_runtime.cli",
+                *start,
                 "serve",
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(self.port),
+                "0",
+                "--log-level",
+                "info",  # uvicorn names the port it bound at info
                 *args,
             ],
             stdout=self._log,
@@ -65,6 +73,9 @@ class Server:
     def wait(self, ready: bool = True) -> None:
         """Until live (and ready, unless told otherwise)."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        if not self.url:
+            port = port_from_log(self.proc, self.log_path, UVICORN_PORT, STARTUP_TIMEOUT_S)
+            self.url = f"http://127.0.0.1:{port}"
         path = "/v2/health/ready" if ready else "/v2/health/live"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -130,7 +141,8 @@ def servers(
     shutil.copy(demo_models / "tensor-mlp.onnx", int8_dir)
     m = demo_models
     specs = {
-        # Default threads: exercises the cgroup-derived thread count.
+        # Default threads: exercises the cgroup-derived thread count (pinned
+        # to one core below).
         "tensor": [
             "--model",
             f"file://{m}/tensor-mlp.onnx",
@@ -140,6 +152,23 @@ def servers(
             "mlp",
             "--max-wait-ms",
             "20",
+        ],
+        # Batches only when 4 rows wait (a minute is never reached): the
+        # batching test's only user, so its batch counts are exact. Pinned to
+        # one core with two threads asked for: the explicit count wins.
+        "tensor-batch": [
+            "--model",
+            f"file://{m}/tensor-mlp.onnx",
+            "--format",
+            "onnx",
+            "--name",
+            "mlp",
+            "--threads",
+            "2",
+            "--max-batch-size",
+            "4",
+            "--max-wait-ms",
+            "60000",
         ],
         "tensor-torch": [
             "--model",
@@ -174,6 +203,21 @@ def servers(
             "1",
             "--max-wait-ms",
             "20",
+        ],
+        # Starts a batch once 4 sequences wait: the text batching test's only user.
+        "text-batch": [
+            "--model",
+            str(m / "text-small.onnx"),
+            "--format",
+            "onnx",
+            "--name",
+            "small",
+            "--threads",
+            "1",
+            "--max-batch-size",
+            "4",
+            "--max-wait-ms",
+            "30000",
         ],
         "text-torch": [
             "--model",
@@ -212,7 +256,12 @@ def servers(
             "1",
         ],
     }
-    started = {name: Server(name, args, work) for name, args in specs.items()}
+    started = {
+        name: Server(
+            name, args, work, cores=ONE_CORE if name in ("tensor", "tensor-batch") else None
+        )
+        for name, args in specs.items()
+    }
     try:
         for name, server in started.items():
             server.wait(ready=name != "missing")
@@ -263,8 +312,12 @@ def test_oip_metadata_and_health(servers: dict[str, Server]) -> None:
         "probabilities": "FP32",
         "label": "INT64",
     }
-    # Threads follow the container's CPU limit, the same answer the library gives here.
-    assert meta["parameters"]["threads"] == container_threads()
+    # No --threads: the count follows the cores the process may use, and it
+    # was started pinned to one (unpinned, this host would give it more).
+    assert meta["parameters"]["threads"] == 1
+    # An explicit --threads wins over the cores (also pinned to one).
+    batch_meta = httpx.get(servers["tensor-batch"].url + "/v2/models/mlp").json()
+    assert batch_meta["parameters"]["threads"] == 2
     assert httpx.get(s.url + "/v2/models/other").status_code == 404
 
 
@@ -325,22 +378,37 @@ def test_oip_bad_json_and_unknown_output(servers: dict[str, Server]) -> None:
     assert r.status_code == 400 and "unknown outputs" in r.json()["error"]
 
 
-def test_concurrency_32_forms_batches(servers: dict[str, Server]) -> None:
-    s = servers["tensor"]
-    x = np.random.default_rng(1).normal(size=(1, 32)).astype(np.float32)
+def _batch_sizes(server: Server) -> tuple[float, float, float]:
+    """The batch-size histogram: (batches, rows, batches of one row); zeros
+    before the first batch (the labelled series does not exist yet)."""
+    samples = server.metrics().get("terrace_runtime_batch_size", [])
+    count = sum(v for n, _, v in samples if n.endswith("_count"))
+    rows = sum(v for n, _, v in samples if n.endswith("_sum"))
+    ones = sum(v for n, lbl, v in samples if n.endswith("_bucket") and lbl["le"] == "1.0")
+    return count, rows, ones
 
-    async def burst() -> list[int]:
+
+def test_concurrency_32_forms_batches(servers: dict[str, Server]) -> None:
+    s = servers["tensor-batch"]  # a batch starts only when 4 rows wait
+    x = np.random.default_rng(1).normal(size=(1, 32)).astype(np.float32)
+    count0, rows0, ones0 = _batch_sizes(s)
+
+    async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
-            rs = await asyncio.gather(
+            return await asyncio.gather(
                 *[client.post("/v2/models/mlp/infer", json=_infer_body(x)) for _ in range(32)]
             )
-        return [r.status_code for r in rs]
 
-    assert asyncio.run(burst()) == [200] * 32
-    samples = s.metrics()["terrace_runtime_batch_size"]
-    count = next(v for n, _, v in samples if n.endswith("_count"))
-    ones = next(v for n, lbl, v in samples if n.endswith("_bucket") and lbl["le"] == "1.0")
-    assert count > ones, f"every batch had one row: {samples}"
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 32
+    # Batched rows come back to their own requests: every answer is the one
+    # the same model gives this row alone.
+    alone = httpx.post(servers["tensor"].url + "/v2/models/mlp/infer", json=_infer_body(x))
+    want = alone.json()["outputs"][0]["data"]
+    for r in responses:
+        np.testing.assert_allclose(r.json()["outputs"][0]["data"], want, atol=1e-5)
+    count, rows, ones = _batch_sizes(s)
+    assert (count - count0, rows - rows0, ones - ones0) == (8, 32, 0)
     families = s.metrics()
     requests = {
         lbl["status"]: v
@@ -499,7 +567,9 @@ def test_openai_errors_use_the_envelope(servers: dict[str, Server]) -> None:
 
 
 def test_text_generation_batches_concurrent_requests(servers: dict[str, Server]) -> None:
-    s = servers["text"]
+    s = servers["text-batch"]  # the first step waits for 4 sequences
+    count0, _, ones0 = _batch_sizes(s)
+    tokens0 = s.metrics().get("terrace_runtime_tokens_generated", [])
 
     async def many() -> list[str]:
         client = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
@@ -515,12 +585,11 @@ def test_text_generation_batches_concurrent_requests(servers: dict[str, Server])
         return [r.choices[0].finish_reason for r in rs]
 
     assert all(reason in ("length", "stop") for reason in asyncio.run(many()))
-    samples = s.metrics()["terrace_runtime_batch_size"]
-    count = next(v for n, _, v in samples if n.endswith("_count"))
-    ones = next(v for n, lbl, v in samples if n.endswith("_bucket") and lbl["le"] == "1.0")
-    assert count > ones
+    count, _, ones = _batch_sizes(s)
+    assert count - count0 > ones - ones0, "every step ran one sequence"
     tokens = s.metrics()["terrace_runtime_tokens_generated"]
-    assert sum(v for n, _, v in tokens if n.endswith("_total")) >= 12
+    total = sum(v for n, _, v in tokens if n.endswith("_total"))
+    assert total - sum(v for n, _, v in tokens0 if n.endswith("_total")) >= 12
 
 
 def test_full_queue_answers_429_with_retry_after(servers: dict[str, Server]) -> None:

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from served import until
 from terrace_runtime.batching import QueueFull, TensorBatcher, retry_after_seconds
 from terrace_runtime.cgroup import cgroup_cpu_limit, parse_cfs, parse_cpu_max, threads_for
 from terrace_runtime.generation import (
@@ -289,11 +290,13 @@ class GatedModel:
 
     def __init__(self) -> None:
         self.gate = threading.Event()
+        self.entered = threading.Event()  # the worker holds a batch
         self.batches: list[int] = []
 
     def __call__(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
     ) -> dict[str, np.ndarray]:
+        self.entered.set()
         self.gate.wait(10)
         x = inputs["x"]
         if np.isnan(x).any():
@@ -317,12 +320,12 @@ def test_batcher_stacks_waiting_requests_and_splits_answers() -> None:
             b = _batcher(model, pool)
             b.start()
             first = asyncio.create_task(b.infer({"x": np.full((1, 2), 0.0)}, ["y"]))
-            await asyncio.sleep(0.05)  # the worker holds the first request
+            await until(model.entered.is_set)  # the worker holds the first request
             rest = [
                 asyncio.create_task(b.infer({"x": np.full((1, 2), float(i))}, ["y"]))
                 for i in range(1, 6)
             ]
-            await asyncio.sleep(0.05)
+            await until(lambda: b.depth == 5)  # the rest wait together
             model.gate.set()
             results = await asyncio.gather(first, *rest)
             await b.stop()
@@ -341,11 +344,11 @@ def test_batcher_full_queue_raises_queue_full_not_hang() -> None:
             b = _batcher(model, pool, max_queue=2, max_batch_size=1)
             b.start()
             running = asyncio.create_task(b.infer({"x": np.zeros((1, 2))}, ["y"]))
-            await asyncio.sleep(0.05)
+            await until(model.entered.is_set)
             queued = [
                 asyncio.create_task(b.infer({"x": np.zeros((1, 2))}, ["y"])) for _ in range(2)
             ]
-            await asyncio.sleep(0.01)
+            await until(lambda: b.depth == 2)
             with pytest.raises(QueueFull) as full:
                 await asyncio.wait_for(b.infer({"x": np.zeros((1, 2))}, ["y"]), 1)
             assert full.value.retry_after_s >= 1
@@ -363,10 +366,10 @@ def test_batcher_isolates_a_failing_request() -> None:
             b = _batcher(model, pool)
             b.start()
             blocker = asyncio.create_task(b.infer({"x": np.zeros((1, 2))}, ["y"]))
-            await asyncio.sleep(0.05)
+            await until(model.entered.is_set)
             good = asyncio.create_task(b.infer({"x": np.ones((2, 2))}, ["y"]))
             bad = asyncio.create_task(b.infer({"x": np.full((1, 2), np.nan)}, ["y"]))
-            await asyncio.sleep(0.02)
+            await until(lambda: b.depth == 2)  # stacked into one batch, which fails
             model.gate.set()
             await blocker
             assert (await good).outputs["y"].shape == (2, 2)
@@ -378,20 +381,35 @@ def test_batcher_isolates_a_failing_request() -> None:
 
 
 def test_batcher_waits_up_to_max_wait_for_company() -> None:
-    async def scenario() -> list[int]:
+    async def company() -> list[int]:
+        # A wait no test reaches: the first request goes only with company,
+        # as soon as the batch is full.
+        model = GatedModel()
+        model.gate.set()
+        with ThreadPoolExecutor(1) as pool:
+            b = _batcher(model, pool, max_wait_s=600, max_batch_size=4)
+            b.start()
+            first = asyncio.create_task(b.infer({"x": np.zeros((1, 2))}, ["y"]))
+            await until(lambda: b.depth == 1)
+            assert not model.entered.is_set()  # waiting for company
+            second = asyncio.create_task(b.infer({"x": np.zeros((3, 2))}, ["y"]))
+            await asyncio.wait_for(asyncio.gather(first, second), 10)
+            await b.stop()
+        return model.batches
+
+    async def alone() -> list[int]:
+        # Nobody comes: the request goes by itself once the wait is over.
         model = GatedModel()
         model.gate.set()
         with ThreadPoolExecutor(1) as pool:
             b = _batcher(model, pool, max_wait_s=0.2)
             b.start()
-            first = asyncio.create_task(b.infer({"x": np.zeros((1, 2))}, ["y"]))
-            await asyncio.sleep(0.02)
-            second = asyncio.create_task(b.infer({"x": np.zeros((3, 2))}, ["y"]))
-            await asyncio.gather(first, second)
+            await asyncio.wait_for(b.infer({"x": np.zeros((1, 2))}, ["y"]), 10)
             await b.stop()
         return model.batches
 
-    assert asyncio.run(scenario()) == [4]
+    assert asyncio.run(company()) == [4]
+    assert asyncio.run(alone()) == [1]
 
 
 def test_retry_after_is_whole_seconds_at_least_one() -> None:

@@ -1,16 +1,19 @@
-"""One control tick end to end, over a real HTTP Prometheus API and a recording
-stand-in for the Kubernetes calls (the cluster version is
-tests/integration/test_control_loop.py)."""
+"""One control tick end to end, over a real Prometheus (scraping a real
+prometheus_client exposition) and a recording stand-in for the Kubernetes
+calls (the cluster version is tests/integration/test_control_loop.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
+import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import urllib.request
 
 import pytest
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from served import Prometheus, refusing_url, until
 from terrace_operator.agent.protocol import (
     ENFORCED_KEY,
     GpuReport,
@@ -21,29 +24,121 @@ from terrace_operator.agent.protocol import (
 from terrace_operator.control import Controller, ControlSettings, TierMemory
 from terrace_operator.prometheus import PrometheusClient
 
+# The series the tick reads for the tier demo/big (on node gpu-node), as
+# (metric family, kind, label pairs).
+INFLIGHT = ("terrace_router_inflight", "gauge", (("tier", "big"),))
+ROUTER_REQUESTS = ("terrace_router_requests", "counter", (("tier", "big"),))
+DEMAND = ("terrace_router_demand", "counter", (("tier", "big"),))
+LATENCY = ("terrace_router_request_duration_seconds", "histogram", (("tier", "big"),))
+GPU_UTILIZATION = ("terrace_gpu_utilization_ratio", "gauge", (("node", "gpu-node"),))
+RUNTIME = (("namespace", "demo"), ("tier", "big"))
+RUNTIME_REQUESTS = ("terrace_runtime_requests", "counter", RUNTIME)
+RUNTIME_BUSY = ("terrace_runtime_busy_seconds", "counter", RUNTIME)
+RUNTIME_TOKENS = ("terrace_runtime_tokens_generated", "counter", RUNTIME)
+STEP = ("terrace_test_step", "gauge", ())
+# Every latency observation falls in (0.05, 0.1]: the p95 is 97.5 ms.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25)
 
-class Prom(BaseHTTPRequestHandler):
-    answers: dict[str, float] = {}
-    down = False
+Series = tuple[str, str, tuple[tuple[str, str], ...]]
 
-    def do_POST(self):  # noqa: N802
-        n = int(self.headers["content-length"])
-        q = urllib.parse.parse_qs(self.rfile.read(n).decode())["query"][0]
-        if self.down:
-            body, code = b"down", 503
-        else:
-            v = next((v for k, v in self.answers.items() if k in q), None)
-            res = [] if v is None else [{"metric": {}, "value": [0, str(v)]}]
-            body = json.dumps({"status": "success",
-                               "data": {"resultType": "vector", "result": res}}).encode()
-            code = 200
-        self.send_response(code)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, *a):
-        pass
+class Exposition:
+    """A prometheus_client collector, served by its own HTTP server, that the
+    real Prometheus scrapes every second. `show` records two samples per
+    series, one second apart and just ahead of the clock (explicit
+    timestamps); each scrape exposes the next of them, so Prometheus holds
+    exactly those two. A counter goes from its last total up by the given
+    increase, so after a test's first `show` every `increase()` over the 1m
+    window is 1.5 x that increase (Prometheus extrapolates half a sample
+    interval past the last sample and none before a counter's zero) and every
+    `rate()` is that over 60 s, whatever the clock says when the tick queries."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.steps: list[tuple[float, dict[Series, float]]] = []
+            self.next = 0
+            self.gauges: dict[Series, float] = {}
+            self.totals: dict[Series, float] = {}
+
+    def show(self, values: dict[Series, float]) -> tuple[int, float]:
+        """Record `values` (gauge values, counter increases, latency
+        observations) over what earlier calls showed; the index of the last
+        step and its time."""
+        with self.lock:
+            last = self.steps[-1][0] if self.steps else 0.0
+            t = max(time.time() + 0.5, last + 1)
+            before = dict(self.totals)
+            for series, v in values.items():
+                if series[1] == "gauge":
+                    self.gauges[series] = v
+                else:
+                    self.totals[series] = before.get(series, 0.0) + v
+            index = len(self.steps) + 1
+            start = {series: before.get(series, 0.0) for series in self.totals}
+            self.steps.append((t, {**self.gauges, **start, STEP: index - 1}))
+            self.steps.append((t + 1, {**self.gauges, **self.totals, STEP: index}))
+            return index, t + 1
+
+    def collect(self):
+        with self.lock:
+            if not self.steps:
+                return
+            t, values = self.steps[self.next]
+            self.next = min(self.next + 1, len(self.steps) - 1)
+        for (name, kind, pairs), v in values.items():
+            labels = dict(pairs)
+            if kind == "gauge":
+                family = GaugeMetricFamily(name, name, labels=list(labels))
+                family.add_metric(list(labels.values()), v, timestamp=t)
+            elif kind == "counter":
+                family = CounterMetricFamily(name, name, labels=list(labels))
+                family.add_metric(list(labels.values()), v, timestamp=t)
+            else:  # histogram of `v` observations in (0.05, 0.1]
+                family = HistogramMetricFamily(name, name, labels=list(labels))
+                buckets = [(str(b), v if b >= 0.1 else 0.0) for b in LATENCY_BUCKETS]
+                family.add_metric(
+                    list(labels.values()), [*buckets, ("+Inf", v)], v * 0.075, timestamp=t
+                )
+            yield family
+
+
+class Prom:
+    """A real Prometheus that scrapes an `Exposition`."""
+
+    def __init__(self, prometheus: Prometheus, exposition: Exposition) -> None:
+        self.prometheus = prometheus
+        self.exposition = exposition
+        self.url = prometheus.url
+
+    def forget(self) -> None:
+        """Nothing exposed and nothing left in Prometheus from earlier tests:
+        every series deleted up to now (what `show` adds is later)."""
+        self.exposition.reset()
+        query = urllib.parse.urlencode({"match[]": '{job="tick"}', "end": f"{time.time():.3f}"})
+        req = urllib.request.Request(
+            f"{self.url}/api/v1/admin/tsdb/delete_series?{query}", method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 204, r.status
+        assert self.prometheus.query('{job="tick"}') == []
+
+    def show(self, values: dict[Series, float]) -> None:
+        """Expose `values` and wait until Prometheus has scraped all of it and
+        its last sample is more than a sample interval old (the extrapolation
+        `Exposition` counts on)."""
+        step, last = self.exposition.show(values)
+        deadline = time.monotonic() + 30
+        while True:
+            got = self.prometheus.query("terrace_test_step")
+            if got and float(got[0]["value"][1]) == step and time.time() > last + 1.2:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Prometheus did not scrape step {step}: {got}")
+            time.sleep(0.1)
 
 
 class Api:
@@ -92,28 +187,57 @@ class Api:
         self.events.append((reason, message, type))
 
 
-@pytest.fixture
-def prom():
-    handler = type("H", (Prom,), {"answers": {}, "down": False})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+@pytest.fixture(scope="module")
+def scraped(tmp_path_factory):
+    """One real Prometheus for the module, scraping an `Exposition`."""
+    registry = CollectorRegistry()
+    exposition = Exposition()
+    registry.register(exposition)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    target = f"127.0.0.1:{server.server_port}"
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{"job_name": "tick", "static_configs": [{"targets": [target]}]}],
+    }
+    workdir = tmp_path_factory.mktemp("prometheus")
     try:
-        yield handler, f"http://127.0.0.1:{srv.server_address[1]}"
+        with Prometheus(workdir, config, "--web.enable-admin-api") as prometheus:
+            yield Prom(prometheus, exposition)
     finally:
-        srv.shutdown()
-        srv.server_close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def prom(scraped):
+    """The module's Prometheus, holding nothing from another test."""
+    scraped.forget()
+    return scraped
 
 
 def body(device="gpu", status=None, **spec):
-    s = {"model": {"uri": "file:///m"}, "device": device, "replicas": {"min": 1, "max": 4},
-         "scaling": {"metric": "inflight", "target": 4, "scaleDownStabilizationSeconds": 0,
-                     "latencyTargetMilliseconds": 1000}}
+    s = {
+        "model": {"uri": "file:///m"},
+        "device": device,
+        "replicas": {"min": 1, "max": 4},
+        "scaling": {
+            "metric": "inflight",
+            "target": 4,
+            "scaleDownStabilizationSeconds": 0,
+            "latencyTargetMilliseconds": 1000,
+        },
+    }
     if device == "gpu":
         s["power"] = {"policy": "adaptive", "minWatts": 200, "maxWatts": 700}
     s.update(spec)
-    return {"apiVersion": "terrace.dev/v1alpha1", "kind": "ModelTier",
-            "metadata": {"name": "big", "namespace": "demo", "generation": 3, "uid": "u"},
-            "spec": s, "status": status or {}}
+    return {
+        "apiVersion": "terrace.dev/v1alpha1",
+        "kind": "ModelTier",
+        "metadata": {"name": "big", "namespace": "demo", "generation": 3, "uid": "u"},
+        "spec": s,
+        "status": status or {},
+    }
 
 
 def tick(controller, b):
@@ -131,10 +255,9 @@ def make(url, api):
 
 
 def test_scale_up_patches_scale_records_event_and_status(prom):
-    h, url = prom
-    h.answers.update({"terrace_router_inflight": 14, "terrace_router_requests_total": 9})
+    prom.show({INFLIGHT: 14, ROUTER_REQUESTS: 9 * 40})  # 9 requests/s
     api = Api(replicas=1)
-    c = make(url, api)
+    c = make(prom.url, api)
     tick(c, body())
     assert api.scale_patches == [4]
     assert api.events[0][0] == "ScaledUp" and "inflight=14" in api.events[0][1]
@@ -148,58 +271,58 @@ def test_scale_up_patches_scale_records_event_and_status(prom):
 
 def test_last_scaling_keeps_five():
     from terrace_operator.control import append_scaling
+
     entries = []
     for i in range(8):
         entries = append_scaling(entries, {"to": i})
     assert [e["to"] for e in entries] == [3, 4, 5, 6, 7]
 
 
-def test_prometheus_down_holds_and_flips_condition(prom):
-    h, url = prom
-    h.down = True
+def test_prometheus_down_holds_and_flips_condition():
     api = Api(replicas=3)
-    c = make(url, api)
-    tick(c, body())
+    with refusing_url() as down:
+        c = make(down, api)
+        tick(c, body())
     assert api.scale_patches == []
     types = {x["type"]: x for x in api.status["conditions"]}
     assert types["MetricsAvailable"]["status"] == "False"
     assert "PrometheusUnavailable" in types["MetricsAvailable"]["message"]
     assert types["Scaling"]["reason"] == "MetricsUnavailable"
-    assert ("MetricsUnavailable" in [e[0] for e in api.events])
+    assert "MetricsUnavailable" in [e[0] for e in api.events]
     # a second tick without metrics: no second warning Event
     n = len(api.events)
-    tick(c, body(status=api.status))
+    with refusing_url() as down:
+        c.settings.prometheus_url = down
+        tick(c, body(status=api.status))
     assert len([e for e in api.events[n:] if e[0] == "MetricsUnavailable"]) == 0
 
 
-def test_external_autoscaler_stands_aside(prom):
-    h, url = prom
-    h.answers.update({"terrace_router_inflight": 40, "terrace_router_requests_total": 9})
-    api = Api(replicas=2)
-    tick(make(url, api), body(replicas={"min": 1, "max": 4, "count": 2}))
-    assert api.scale_patches == []
-    types = {x["type"]: x for x in api.status["conditions"]}
-    assert types["Scaling"]["reason"] == "ExternalAutoscaler"
+def test_a_fresh_memory_holds_replicas_for_a_full_window():
+    """A restarted operator knows no past recommendations: it counts the
+    current replicas as recommended at its first tick (the real cluster's
+    version restarts the operator: tests/integration/test_control_loop.py)."""
+    from terrace_operator.api import ModelTierSpec
+    from terrace_operator.control import plan_scaling
 
-
-def test_restart_does_not_scale_down_before_a_window(prom):
-    h, url = prom
-    h.answers.update({"terrace_router_inflight": 0, "terrace_router_requests_total": 0})
-    api = Api(replicas=4)
-    c = make(url, api)
-    tick(c, body(scaling={"metric": "inflight", "target": 4,
-                          "scaleDownStabilizationSeconds": 300}))
-    assert api.scale_patches == []
+    spec = ModelTierSpec.model_validate(
+        body(device="cpu", scaling={"metric": "inflight", "target": 4,
+                                    "scaleDownStabilizationSeconds": 300})["spec"]
+    )  # fmt: skip
+    memory = TierMemory()
+    first = plan_scaling(spec, 4, 0.0, 0.0, memory, now=1000.0)
+    assert first.replicas == 4
+    memory.history = first.history
+    assert plan_scaling(spec, 4, 0.0, 0.0, memory, now=1299.0).replicas == 4
+    assert plan_scaling(spec, 4, 0.0, 0.0, memory, now=1301.0).replicas == 1
 
 
 def test_power_hands_limit_to_agent_and_reports_enforced(prom):
-    h, url = prom
-    h.answers.update({"terrace_router_inflight": 1, "terrace_router_requests_total": 1,
-                      "terrace_gpu_utilization_ratio": 0.05, "histogram_quantile": 100})
+    # p95 latency 97.5 ms, far under the 1000 ms target
+    prom.show({INFLIGHT: 1, ROUTER_REQUESTS: 40, GPU_UTILIZATION: 0.05, LATENCY: 100})
     api = Api(replicas=1)
     report = encode_enforced([GpuReport(0, 700, 700, 200, 700, 90.0)])
     api.nodes["gpu-node"][ENFORCED_KEY] = report
-    c = make(url, api)
+    c = make(prom.url, api)
     tick(c, body())
     key = desired_key("demo", "big")
     [entry] = desired_entries(api.nodes["gpu-node"])
@@ -210,7 +333,7 @@ def test_power_hands_limit_to_agent_and_reports_enforced(prom):
     assert types["PowerApplied"]["status"] == "False"  # agent has not caught up yet
     # the agent enforces it; next tick reports it
     api.nodes["gpu-node"][ENFORCED_KEY] = encode_enforced([GpuReport(0, 650, 700, 200, 700)])
-    h.answers["terrace_gpu_utilization_ratio"] = 0.7  # hold band
+    prom.show({GPU_UTILIZATION: 0.7})  # hold band
     tick(c, body(status=st))
     assert api.status["powerLimitWatts"] == 650
     assert api.nodes["gpu-node"][key]
@@ -220,43 +343,30 @@ def test_power_hands_limit_to_agent_and_reports_enforced(prom):
     assert {x["type"]: x for x in api.status["conditions"]}["PowerApplied"]["reason"] == "PolicyOff"
 
 
-def test_power_held_when_metrics_unavailable(prom):
-    h, url = prom
-    h.down = True
+def test_power_held_when_metrics_unavailable():
     api = Api(replicas=1)
-    c = make(url, api)
-    c.memory[("demo", "big")] = TierMemory()
-    tick(c, body(status={"desiredPowerLimitWatts": 450}))
+    with refusing_url() as down:
+        c = make(down, api)
+        c.memory[("demo", "big")] = TierMemory()
+        tick(c, body(status={"desiredPowerLimitWatts": 450}))
     assert api.status["desiredPowerLimitWatts"] == 450
-
-
-def test_cpu_tier_energy_per_request_from_cpu_model(prom):
-    h, url = prom
-    h.answers.update({"terrace_router_inflight": 2, "terrace_router_requests_total": 5,
-                      "terrace_runtime_requests_total": 100,
-                      "terrace_runtime_busy_seconds_total": 32,
-                      "terrace_runtime_tokens_generated_total": 800})
-    api = Api(replicas=1)
-    tick(make(url, api), body(device="cpu"))
-    assert api.status["energyPerRequestJoules"] == "2.00"  # 32 s x 6.25 W / 100
-    assert api.status["energyPerTokenJoules"] == "0.250"  # the same 200 J / 800 tokens
 
 
 def test_run_loop_ticks_every_tier_and_stops(prom):
     from terrace_operator.control import run_loop
 
-    h, url = prom
-    h.answers.update({"terrace_router_inflight": 14, "terrace_router_requests_total": 9})
+    prom.show({INFLIGHT: 14, ROUTER_REQUESTS: 9 * 40})
     api = Api(replicas=1)
-    c = make(url, api)
+    c = make(prom.url, api)
     c.settings.control_interval_seconds = 0.2
 
     async def go():
-        async with PrometheusClient(url, 2.0) as p:
+        async with PrometheusClient(prom.url, 2.0) as p:
             c.prometheus = p
             stop = asyncio.Event()
             task = asyncio.create_task(run_loop(c, ["demo"], stop))
-            await asyncio.sleep(0.5)
+            # until both tiers have ticked and the big one scaled up
+            await until(lambda: len(c.memory) == 2 and 4 in api.scale_patches)
             stop.set()
             await asyncio.wait_for(task, 5)
 
@@ -265,43 +375,16 @@ def test_run_loop_ticks_every_tier_and_stops(prom):
     assert 4 in api.scale_patches
 
 
-def test_deleted_tier_withdraws_its_power_request(prom):
-    from terrace_operator.control import run_loop
-
-    h, url = prom
-    h.answers.update({"terrace_router_inflight": 1, "terrace_router_requests_total": 1,
-                      "terrace_gpu_utilization_ratio": 0.1})
-    api = Api(replicas=1)
-    c = make(url, api)
-    tick(c, body())
-    key = desired_key("demo", "big")
-    assert key in api.nodes["gpu-node"]
-    api.list_tiers = lambda namespaces: asyncio.sleep(0, result=[])  # the tier is gone
-    c.settings.control_interval_seconds = 0.1
-
-    async def go():
-        stop = asyncio.Event()
-        task = asyncio.create_task(run_loop(c, ["demo"], stop))
-        await asyncio.sleep(0.15)
-        stop.set()
-        await task
-
-    asyncio.run(go())
-    assert key not in api.nodes["gpu-node"]
-    assert c.memory == {}
-
-
 def test_the_wake_endpoint_brings_a_sleeping_tier_up_and_the_next_tick_records_it(prom):
-    h, url = prom
     # No demand in Prometheus yet (it has not scraped the router since the
     # request arrived): the wake, not the metric, brings the tier up.
-    h.answers.update({"terrace_router_inflight": 0, "terrace_router_demand_total": 0})
+    prom.show({INFLIGHT: 0, DEMAND: 0})
     sleepy = body(device="cpu", replicas={"min": 0, "max": 3},
                   scaling={"metric": "inflight", "target": 4,
                            "scaleDownStabilizationSeconds": 300})  # fmt: skip
     api = Api(replicas=0)
     api.tier = sleepy
-    c = make(url, api)
+    c = make(prom.url, api)
     assert asyncio.run(c.wake("demo", "big", ["demo"])) == (202, "0 -> 1: waking")
     assert api.scale_patches == [1]
     assert api.events[-1][0] == "WakingUp" and "woken by the router" in api.events[-1][1]
@@ -326,11 +409,11 @@ def test_the_wake_endpoint_brings_a_sleeping_tier_up_and_the_next_tick_records_i
         ("demo", {"replicas": {"min": 0, "max": 3, "count": 0}}, 0, 409),  # an HPA drives it
     ],
 )
-def test_the_wake_endpoint_touches_only_a_watched_sleeping_tier(prom, ns, tier_spec, replicas,
-                                                                 status):
-    _, url = prom
+def test_the_wake_endpoint_touches_only_a_watched_sleeping_tier(
+    prom, ns, tier_spec, replicas, status
+):
     api = Api(replicas=replicas)
     api.tier = body(device="cpu", **tier_spec) if tier_spec else None
-    c = make(url, api)
+    c = make(prom.url, api)
     got, _ = asyncio.run(c.wake(ns, "big", ["demo"]))
     assert got == status and api.scale_patches == []
