@@ -7,7 +7,7 @@ CLUSTER_DIR ?= $(CURDIR)/.cache/cluster
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: bench bench-env chart-sync help deps python tools llama real-models system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean
+.PHONY: bench bench-env chart-sync help deps python tools llama real-models system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean kind-up kind-down kind-images
 
 help:
 	@echo "make demo          bring up a real cluster, install Terrace, route and scale (all set-up included)"
@@ -17,6 +17,9 @@ help:
 	@echo "make tools         build the pinned Kubernetes binaries into ~/.cache/terrace/bin"
 	@echo "make llama         build llama.cpp's llama-server into ~/.cache/terrace/bin"
 	@echo "make real-models   assemble Gemma 3 270M and convert it for onnx and torch tiers"
+	@echo "make kind-up       Docker + a kind cluster from kind-config.yaml, every image built here (docs/kind.md)"
+	@echo "make kind-images   build Terrace's four images here and kind-load them"
+	@echo "make kind-down     delete the kind cluster and stop Docker"
 
 deps: python tools llama real-models system-deps
 
@@ -79,3 +82,15 @@ bench: deps bench-env
 	$(PYTHON) bench/runtime.py
 	$(PYTHON) bench/energy.py
 	$(PYTHON) bench/operator.py
+
+# kind with real pods (docs/kind.md): Docker started by PID, every image
+# (Debian, kind base and node, Kubernetes' own, Terrace's) built here; caches
+# in ~/.cache/terrace/kind.
+kind-up:
+	@bash hack/kind/up.sh
+
+kind-images:
+	@bash hack/kind/terrace-images.sh
+
+kind-down:
+	@bash hack/kind/down.sh
