@@ -12,6 +12,12 @@ Processes, all on 127.0.0.1 and stopped by PID at the end:
   --models names a build-demo-models folder;
 - `terrace-router serve --tier small=URL --tier large=URL` (quick mode:
   built-in classifier, calibration, escalation, cache, passive health).
+Each binds a port the OS picks (`--port 0`) and names it in its log, where
+it is read back (hack/localproc.py): no port is chosen here and bound later.
+The router reaches "small" through an address this process holds for the
+whole run (`Relay`: a listening socket that relays each connection to the
+runtime of the moment, and resets it while there is none), so its table
+never changes and no other process can take that address during the outage.
 
 Traffic: `--concurrency` async clients (httpx, one shared pool) pick a kind
 of request at random, for the whole run:
@@ -22,8 +28,9 @@ of request at random, for the whole run:
 - bad requests: invalid JSON, a NaN literal, wrong types, an unknown model,
   no messages: each must be a 4xx in OpenAI's error envelope.
 At 30% of the run the "small" runtime is SIGKILLed; at 50% it is started
-again on the same port. Meanwhile `auto` requests must be escalated to
-"large" and pinned "small" requests must get a clean OpenAI-shaped error.
+again (on a port of its own, behind the same relayed address). Meanwhile
+`auto` requests must be escalated to "large" and pinned "small" requests
+must get a clean OpenAI-shaped error.
 
 Every request is classified (`classify_*` below) as:
 - answered: a 2xx with a well-formed body, or a well-formed stream ending in
@@ -65,10 +72,13 @@ import json
 import math
 import random
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -81,7 +91,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "hack"))
 
-from localproc import ServerProcess, free_port  # noqa: E402
+from localproc import ServerProcess  # noqa: E402
 
 # A tiny model answers in well under a second even on a busy 2-core machine;
 # a request with no answer after this long is a hang, not a slow answer.
@@ -338,17 +348,95 @@ def tiny_models(out: Path) -> Path:
     return out
 
 
-def runtime_argv(tier: str, model: Path, port: int) -> list[str]:
+# Servers start on port 0 and log the port they bound (uvicorn says so at
+# level info; neither the router nor the runtime logs a line per request).
+def runtime_argv(tier: str, model: Path) -> list[str]:
     fmt = "onnx" if model.suffix == ".onnx" else "torch"
     return [sys.executable, "-m", "terrace_runtime.cli", "serve", "--model", str(model),
             "--format", fmt, "--device", "cpu", "--name", tier, "--host", "127.0.0.1",
-            "--port", str(port), "--threads", "1", "--log-level", "warning"]  # fmt: skip
+            "--port", "0", "--threads", "1", "--log-level", "info"]  # fmt: skip
 
 
-def router_argv(port: int, small: str, large: str) -> list[str]:
+def router_argv(small: str, large: str) -> list[str]:
     return [sys.executable, "-m", "terrace_router.cli", "serve", "--tier", f"small={small}",
-            "--tier", f"large={large}", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning"]  # fmt: skip
+            "--tier", f"large={large}", "--host", "127.0.0.1", "--port", "0",
+            "--log-level", "info"]  # fmt: skip
+
+
+class Relay:
+    """An address on 127.0.0.1 this process holds for the whole run (a
+    listening socket on a port the OS picked), relaying each connection to
+    127.0.0.1:`target`, the runtime of the moment. With no target (the
+    runtime killed, or not ready again yet) a connection is reset at once,
+    the way a dead upstream's address answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.target: int | None = None
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.open: set[socket.socket] = set()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            target = self.target
+            try:
+                if target is None:
+                    raise ConnectionRefusedError("no runtime behind the relay")
+                upstream = socket.create_connection(("127.0.0.1", target), timeout=5)
+            except OSError:
+                self._reset(conn)
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.open |= {conn, upstream}
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _reset(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            with self.lock:
+                gone = {src, dst} & self.open
+                self.open -= gone
+            for s in gone:
+                s.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+        self.thread.join(5)
+        with self.lock:
+            left, self.open = self.open, set()
+        for s in left:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
 
 def rss_kib(pid: int) -> int:
@@ -517,20 +605,20 @@ class Soak:
 
 
 class Plane:
-    """Two runtimes and a router, started here and stopped by PID."""
+    """Two runtimes and a router, started here (each on a port it binds
+    itself) and stopped by PID; "small" behind `relay`, an address held here."""
 
     def __init__(self, models: Path, work: Path) -> None:
         self.work = work
         self.models = {"small": models / "text-small.onnx", "large": models / "text-large.pt2"}
-        self.ports = {"small": free_port(), "large": free_port(), "router": free_port()}
         self.procs: dict[str, ServerProcess] = {}
         self.restarts = 0
+        self.relay: Relay | None = None
 
     def start_runtime(self, tier: str) -> ServerProcess:
-        port = self.ports[tier]
         log = self.work / f"{tier}-{self.restarts}.log"
-        argv = runtime_argv(tier, self.models[tier], port)
-        self.procs[tier] = ServerProcess(tier, argv, port, "/v2/health/ready", log)
+        argv = runtime_argv(tier, self.models[tier])
+        self.procs[tier] = ServerProcess(tier, argv, 0, "/v2/health/ready", log)
         return self.procs[tier]
 
     def start(self) -> None:
@@ -538,22 +626,23 @@ class Plane:
             self.start_runtime(tier)
         self.procs["small"].wait(120)
         self.procs["large"].wait(120)
-        urls = {t: self.procs[t].url for t in ("small", "large")}
-        port = self.ports["router"]
-        argv = router_argv(port, urls["small"], urls["large"])
-        self.procs["router"] = ServerProcess(
-            "router", argv, port, "/readyz", self.work / "router.log"
-        )
+        self.relay = Relay()
+        self.relay.target = self.procs["small"].port
+        argv = router_argv(self.relay.url, self.procs["large"].url)
+        self.procs["router"] = ServerProcess("router", argv, 0, "/readyz", self.work / "router.log")
         self.procs["router"].wait(120)
 
     def kill_small(self) -> None:
+        assert self.relay is not None
+        self.relay.target = None  # from now on the address resets what comes
         proc = self.procs["small"].proc
         proc.kill()  # SIGKILL, by PID
         proc.wait(10)
 
     def restart_small(self) -> None:
+        assert self.relay is not None
         self.restarts += 1
-        self.start_runtime("small").wait(120)
+        self.relay.target = self.start_runtime("small").wait(120).port
 
     def pid(self, name: str) -> int:
         return self.procs[name].proc.pid
@@ -561,6 +650,8 @@ class Plane:
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
+        if self.relay is not None:
+            self.relay.stop()
 
 
 async def drive(plane: Plane, seconds: float, concurrency: int, seed: int) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from terrace_operator.agent.protocol import (
@@ -46,7 +46,7 @@ from terrace_operator.agent.protocol import (
     encode_desired,
 )
 from terrace_operator.api import API_VERSION, ModelTierSpec
-from terrace_operator.children import tier_selector
+from terrace_operator.children import controller_of, tier_selector
 from terrace_operator.conditions import get_condition, set_condition
 from terrace_operator.energy import CpuPowerModel, EnergyMetrics, format_joules, measure_tier
 from terrace_operator.power import (
@@ -111,6 +111,7 @@ class TierMemory:
     power_nodes: frozenset[str] = frozenset()
     metrics_ok: bool | None = None
     woken: str | None = None  # when the wake endpoint brought it up, for the next status
+    invalid_generation: int | None = None  # the spec generation found unreadable, logged once
 
 
 def scaling_policy(spec: ModelTierSpec) -> ScalingPolicy:
@@ -244,10 +245,12 @@ class KubeControlApi:
         return None if body is None else {"apiVersion": API_VERSION, "kind": "ModelTier", **body}
 
     async def get_scale(self, namespace: str, name: str) -> int | None:
-        body = await self._call(
-            "GET", f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}/scale"
-        )
-        if body is None:
+        """The replicas of the tier's own Deployment; None when it has none. A
+        Deployment of that name the tier does not control (ChildConflict: the
+        operator never adopts it) is not the tier's: neither the loop nor the
+        wake endpoint ever scales it."""
+        body = await self._call("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}")
+        if body is None or controller_of(body) != ("ModelTier", name):
             return None
         return int((body.get("spec") or {}).get("replicas") or 0)
 
@@ -383,10 +386,22 @@ class Controller:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         generation = meta.get("generation")
-        spec = ModelTierSpec.model_validate(body.get("spec") or {})
+        mem = self.memory.setdefault((namespace, name), TierMemory())
+        try:
+            spec = ModelTierSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            # Only a CRD older or newer than the operator lets such a spec in.
+            # The reconcile reports it (Ready=False InvalidSpec, one Warning
+            # Event); the loop leaves the tier alone and says so once per spec.
+            if mem.invalid_generation != generation:
+                mem.invalid_generation = generation
+                log.warning("ModelTier %s/%s has a spec the operator cannot read (Ready "
+                            "InvalidSpec); the control loop leaves it alone: %s", namespace,
+                            name, str(exc).replace("\n", " ")[:300])
+            return
+        mem.invalid_generation = None
         status = dict(body.get("status") or {})
         conditions = list(status.get("conditions") or [])
-        mem = self.memory.setdefault((namespace, name), TierMemory())
         now_dt = datetime.now(UTC)
         now = now_dt.timestamp()
         when = now_dt.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -249,6 +249,9 @@ async def _settle(
         held.blame(endpoint_fault=failure.kind != TIMEOUT)
         held.finish(False)
         return Failure(tier.name, failure.kind, detail=str(failure))
+    except BaseException:  # cancelled: the client left while the body came
+        held.finish(False)
+        raise
     held.finish(True)
     if head.status >= 300:
         return Answer(tier, head.status, head.headers, body)

@@ -81,7 +81,7 @@ def validate(kind: str, payload: Any) -> None:
         _MODELS[kind].model_validate(payload)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        param = param_name(payload, err["loc"])
+        param = param_name(payload, err["loc"], missing=err["type"] == "missing")
         if err["type"] == "missing":
             raise bad_request(
                 f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
@@ -103,11 +103,14 @@ def validate(kind: str, payload: Any) -> None:
         )
 
 
-def param_name(payload: Any, loc: tuple[Any, ...]) -> str:
+def param_name(payload: Any, loc: tuple[Any, ...], *, missing: bool = False) -> str:
     """OpenAI's spelling of a field path (`messages.[0].content`), from pydantic's loc.
 
     Pydantic adds the tried member of a union (`str`, `list[...]`) to the
-    loc; walking the payload alongside keeps only real keys and indexes.
+    loc; walking the payload alongside keeps only real keys and indexes. A
+    key the payload lacks is named only when the error is that it is
+    `missing` (a dict-valued `prompt` fails as `prompt.str`: that names
+    `prompt`, not a key `str` inside it).
     """
     parts: list[str] = []
     node = payload
@@ -116,9 +119,11 @@ def param_name(payload: Any, loc: tuple[Any, ...]) -> str:
             parts.append(f"[{item}]")
             node = node[item]
         elif isinstance(item, str) and isinstance(node, dict):
-            parts.append(item)
             if item not in node:
-                break  # a missing field: name it and stop
+                if missing:
+                    parts.append(item)  # a missing field: name it and stop
+                break
+            parts.append(item)
             node = node[item]
         else:
             break  # a union tag or a leaf: the path so far is the param

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -114,11 +115,53 @@ def ensure_namespace(cluster: Any, namespace: str) -> None:
     cluster.kubectl("apply", "-f", "-", input=doc)
 
 
+def condition(obj: dict | None, type_: str) -> dict:
+    """The object's condition of that type, {} when it has none."""
+    return next(
+        (c for c in ((obj or {}).get("status") or {}).get("conditions") or []
+         if c.get("type") == type_),
+        {},
+    )  # fmt: skip
+
+
 def ready_condition(obj: dict | None) -> dict:
-    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Ready":
-            return c
-    return {}
+    return condition(obj, "Ready")
+
+
+class Watch:
+    """`kubectl get --watch` on one object: every version the apiserver sends,
+    so a condition that holds for a single tick is not missed. Stop it."""
+
+    def __init__(self, cluster: Any, kind: str, name: str, namespace: str) -> None:
+        self.versions: list[dict] = []
+        self.proc = subprocess.Popen(
+            [str(cluster.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "get", kind,
+             name, "-n", namespace, "--watch", "-o", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        decoder, buffer = json.JSONDecoder(), ""
+        for line in self.proc.stdout:
+            buffer += line
+            try:
+                obj, end = decoder.raw_decode(buffer.strip())
+            except ValueError:
+                continue  # an object spans many lines: read on
+            self.versions.append(obj)
+            buffer = buffer.strip()[end:]
+
+    def conditions(self, type_: str) -> list[dict]:
+        """That condition in every version seen so far, oldest first."""
+        return [c for v in list(self.versions) if (c := condition(v, type_))]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 def is_ready(obj: dict | None) -> bool:

@@ -38,6 +38,9 @@ def release_objects(cluster) -> list[str]:
 
 
 def test_install_upgrade_uninstall_leave_nothing_behind(cluster) -> None:
+    # A run that died before its uninstall left the release on a reused
+    # cluster (TERRACE_CLUSTER_DIR): start from none.
+    helm(cluster, "uninstall", RELEASE, "-n", NS, "--ignore-not-found", "--wait")
     helm(
         cluster,
         "install",

@@ -17,8 +17,6 @@ limit there.
 from __future__ import annotations
 
 import json
-import subprocess
-import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -28,6 +26,8 @@ import pytest
 import yaml
 from operator_harness import (
     OperatorProcess,
+    Watch,
+    condition,
     get_or_none,
     install_crds,
     install_rbac,
@@ -90,14 +90,6 @@ def patch(cluster, kind: str, name: str, body: dict) -> None:
     cluster.kubectl("patch", kind, name, "-n", NS, "--type=merge", "-p", json.dumps(body))
 
 
-def condition(obj: dict | None, type_: str) -> dict:
-    return next(
-        (c for c in ((obj or {}).get("status") or {}).get("conditions") or []
-         if c.get("type") == type_),
-        {},
-    )  # fmt: skip
-
-
 def wait_reason(
     cluster,
     kind: str,
@@ -137,42 +129,6 @@ def warning_events(cluster, name: str, reason: str, namespace: str = NS) -> list
 
 def node_annotations(cluster) -> dict:
     return kubectl_json(cluster, "get", "node", GPU_NODE)["metadata"].get("annotations") or {}
-
-
-class Watch:
-    """`kubectl get -w` on one object: every version the apiserver sends,
-    so a condition that holds for a single tick is not missed."""
-
-    def __init__(self, cluster, kind: str, name: str) -> None:
-        assert cluster.bin_dir is not None
-        self.versions: list[dict] = []
-        self.proc = subprocess.Popen(
-            [str(cluster.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "get", kind,
-             name, "-n", NS, "--watch", "-o", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        decoder, buffer = json.JSONDecoder(), ""
-        for line in self.proc.stdout:
-            buffer += line
-            try:
-                obj, end = decoder.raw_decode(buffer.strip())
-            except ValueError:
-                continue  # an object spans many lines: read on
-            self.versions.append(obj)
-            buffer = buffer.strip()[end:]
-
-    def conditions(self, type_: str) -> list[dict]:
-        return [c for v in list(self.versions) if (c := condition(v, type_))]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +264,7 @@ def test_a_wake_call_shows_waking_up(cluster, op):
     _, scaling = wait_reason(cluster, "mtier", "sleeper", "Scaling", "Steady")
     assert scaling["message"] == "0 replicas; custom target 4"
     wait_reason(cluster, "mtier", "sleeper", "Ready", "ScaledToZero")
-    watch = Watch(cluster, "mtier", "sleeper")
+    watch = Watch(cluster, "mtier", "sleeper", NS)
     try:
         wait_for(lambda: watch.versions, 30, what="the watch's first version")
         # What a router holding a request for it does: the operator's wake endpoint.

@@ -10,7 +10,11 @@ test sets, asked by the `openai` client.
 - passive health (docs/router.md, "Passive health"): an endpoint ejected
   after `ejectAfterFailures` failures in a row gets one probe request after
   `ejectSeconds`; a failed probe ejects it again at once, a successful one
-  brings it back.
+  brings it back; a 4xx answer counts as a success (it resets the count), a
+  429 as neither (it neither ejects nor resets);
+- idle upstream connections (docs/router.md, "Never sent twice"): the router
+  keeps a connection to an upstream for the next request, and closes one that
+  has been idle for 4 s; the request after that opens a new one.
 
 No cluster: these are rules of the data plane alone.
 """
@@ -48,13 +52,28 @@ class Upstream:
         self.name = name
         self.status = 200
         self.arrivals = arrivals
+        # One entry per TCP connection the router opened: [opened, closed or
+        # None]; and when the last answer was handed to the socket.
+        self.connections: list[list[float | None]] = []
+        self.last_answer_at = 0.0
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+            protocol_version = "HTTP/1.1"  # keep-alive; it never closes an idle one itself
 
             def log_message(self, *args: object) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                self.conn = [time.monotonic(), None]
+                upstream.connections.append(self.conn)
+
+            def finish(self) -> None:  # the router closed it (or it broke)
+                try:
+                    super().finish()
+                finally:
+                    self.conn[1] = time.monotonic()
 
             def _send(self, status: int, body: dict) -> None:
                 data = json.dumps(body).encode()
@@ -62,6 +81,7 @@ class Upstream:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                upstream.last_answer_at = time.monotonic()
                 self.wfile.write(data)
 
             def do_GET(self) -> None:  # the router's health check
@@ -239,3 +259,72 @@ def test_an_ejected_endpoint_gets_one_probe_after_eject_seconds(upstreams, start
         raw = ask(router)
         assert served_by(raw) == "small" and "x-terrace-escalated" not in raw.headers
     assert small.count() == 7
+
+
+def test_a_4xx_counts_as_a_success_and_a_429_as_neither(upstreams, start_router):
+    small, large = upstreams["small"], upstreams["large"]
+    router = start_router(table(
+        # Two failures in a row eject small for longer than this test runs.
+        [{"name": "small", "endpoints": [small.url], "ejectAfterFailures": 2,
+          "ejectSeconds": 3600},
+         {"name": "large", "endpoints": [large.url]}],
+        [1e9],  # every request starts on small
+        {"fallbackToSmaller": False},
+    ))  # fmt: skip
+
+    def answer(status: int) -> str:
+        """small answers `status` to the next request; which tier answered it."""
+        small.status = status
+        before = small.count()
+        try:
+            tier = ask(router).headers["x-terrace-tier"]
+        except openai.APIStatusError as exc:
+            tier = exc.response.headers["x-terrace-tier"]
+            assert exc.status_code == status == 400, (exc.status_code, exc.body)
+        assert small.count() == before + 1, f"small was not asked (status {status})"
+        return tier
+
+    # A failure, then a 400: passed through to the client as small's answer,
+    # and it is a success, so the next failure is the first in a row again.
+    assert answer(503) == "large"
+    assert answer(400) == "small"
+    assert answer(503) == "large"
+    assert answer(200) == "small"  # not ejected: the 400 reset the count
+    # A failure, then 429s: each escalates (overload), none ejects and none
+    # resets the count, so the next failure is the second in a row: ejected.
+    assert answer(503) == "large"
+    for _ in range(3):
+        assert answer(429) == "large"
+    assert answer(503) == "large"
+    small.status = 200
+    before = small.count()
+    raw = ask(router)
+    assert raw.headers["x-terrace-tier"] == "large"
+    assert raw.headers["x-terrace-escalated"] == "error"  # small ejected, not asked
+    assert small.count() == before
+
+
+def test_an_idle_upstream_connection_is_closed_after_4_s(upstreams, start_router):
+    keepalive_s = 4.0
+    small = upstreams["small"]
+    router = start_router(table(
+        [{"name": "small", "endpoints": [small.url]}], [], {"maxAttempts": 1},
+    ))  # fmt: skip
+
+    def served() -> None:
+        raw = ask(router)
+        assert raw.headers["x-terrace-tier"] == "small"
+
+    # Back to back, both requests use one connection: the router keeps it.
+    served()
+    served()
+    assert len(small.connections) == 1, small.connections
+    answered_at = small.last_answer_at
+    # Idle: the router closes it (the upstream never closes one itself) ...
+    closed = wait_for(lambda: small.connections[0][1], 60, interval=0.1,
+                      what="the router closing the idle connection")  # fmt: skip
+    assert closed - answered_at >= keepalive_s, "closed before it was idle for 4 s"
+    # ... and the next request opens a new one.
+    served()
+    assert len(small.connections) == 2, small.connections
+    assert small.connections[1][0] > closed

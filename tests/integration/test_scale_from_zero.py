@@ -220,6 +220,13 @@ def router(cluster, env, request) -> Iterator[tuple[ServerProcess, socket.socket
                  what="the tier back at zero for the next test")  # fmt: skip
 
 
+def _waking_events(cluster: Any) -> int:
+    """WakingUp Events the tier has had so far (a repeated Event counts up)."""
+    events = kubectl_json(cluster, "get", "events", "-n", NS,
+                          "--field-selector", "involvedObject.name=sleepy,reason=WakingUp")  # fmt: skip
+    return sum(int(e.get("count") or 1) for e in events["items"])
+
+
 def _waking(cluster: Any) -> dict:
     obj = kubectl_json(cluster, "get", "modeltier", "sleepy", "-n", NS)
     scaling = next(c for c in obj["status"]["conditions"] if c["type"] == "Scaling")
@@ -231,6 +238,7 @@ def test_demand_that_escalates_past_a_sleeping_tier_wakes_it(cluster, env, route
     server, _ = router
     answers: list[tuple[int, str]] = []
     stop = threading.Event()
+    woken_before = _waking_events(cluster)  # other tests of this module wake it too
 
     def traffic() -> None:
         while not stop.is_set():
@@ -251,9 +259,7 @@ def test_demand_that_escalates_past_a_sleeping_tier_wakes_it(cluster, env, route
     assert {tier for _, tier in answers} == {"awake"}
     woke = _waking(cluster)
     assert woke["last"]["from"] == 0 and woke["last"]["to"] >= 1
-    events = kubectl_json(cluster, "get", "events", "-n", NS,
-                          "--field-selector", "involvedObject.name=sleepy,reason=WakingUp")  # fmt: skip
-    assert events["items"], "a WakingUp Event"
+    assert _waking_events(cluster) > woken_before, "a WakingUp Event for this wake-up"
     # With the demand gone, back to zero after the window.
     wait_for(lambda: replicas(cluster) == 0, WINDOW_S + 10 * TICK + 30, interval=0.5,
              what="back to zero once the demand stopped")  # fmt: skip

@@ -25,6 +25,9 @@ from terrace_runtime.settings import ServeSettings
 from terrace_runtime.state import RuntimeState
 
 MODEL = "small"
+# The completion tokens of the request `settled_tokens` sends to prove nothing
+# else generates.
+PROBE_TOKENS = 8
 
 
 def build_byte_model(out: Path) -> Path:
@@ -98,18 +101,46 @@ class ServedRuntime:
                 raise AssertionError(f"no token generated in {timeout} s")
             time.sleep(0.02)
 
-    def tokens_when_settled(self) -> float:
-        """Tokens generated so far, once the count has stopped moving; fails
-        after 10 s of growth (something kept generating)."""
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until the runtime reports no request in flight and none queued
+        (its own gauges); fails after `timeout` s with the last values seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            inflight = self.metric("terrace_runtime_inflight_requests")
+            queued = self.metric("terrace_runtime_queue_depth")
+            if inflight == 0 and queued == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"runtime not idle after {timeout} s: inflight={inflight}, queued={queued}"
+                )
+            time.sleep(0.02)
+
+    def settled_tokens(self) -> float:
+        """Tokens generated so far, once nothing generates: the runtime
+        reports no request in flight (`wait_idle`), and a new request then
+        moves the token counter by exactly its own completion tokens (a
+        generation left running would add its own while this one runs).
+        The count returned includes that request's `PROBE_TOKENS`."""
+        self.wait_idle()
+        return self.assert_only_new_requests_generate()
+
+    def assert_only_new_requests_generate(self) -> float:
+        """With no request in flight, one new completion of `PROBE_TOKENS`
+        moves the token counter by exactly that many; the counter after it."""
+        assert self.metric("terrace_runtime_inflight_requests") == 0
         before = self.metric("terrace_runtime_tokens_generated_total")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            time.sleep(0.3)
-            now = self.metric("terrace_runtime_tokens_generated_total")
-            if now == before:
-                return now
-            before = now
-        raise AssertionError("the runtime kept generating after its client left")
+        body = {"model": MODEL, "prompt": "Once", "max_tokens": PROBE_TOKENS,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+        r = httpx.post(self.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == PROBE_TOKENS, r.text
+        after = self.metric("terrace_runtime_tokens_generated_total")
+        assert after - before == PROBE_TOKENS, (
+            f"the counter moved by {after - before} during one request of {PROBE_TOKENS} "
+            "tokens: something else is still generating"
+        )
+        return after
 
 
 # What schemathesis holds a served OpenAPI document to (runtime and router).

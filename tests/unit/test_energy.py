@@ -1,16 +1,16 @@
-"""Energy per request / per token: the arithmetic, the CPU model, the source order."""
+"""Energy per request / per token: the arithmetic, the CPU model, and the
+source order measure_tier takes, its PromQL run by a real Prometheus over a
+real exposition of the runtime, agent and router counters (with decoys under
+other labels)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from served import Series, scraped_prometheus
 from terrace_operator.energy import (
     CpuPowerModel,
     EnergyMetrics,
@@ -27,8 +27,9 @@ def test_estimate_per_request_and_per_token():
     assert estimate(1200.0, 100.0, None, "runtime").per_token is None
 
 
-@pytest.mark.parametrize("joules,requests", [(None, 1), (1, None), (1, 0), (math.nan, 1), (-1, 5),
-                                             (1, math.inf)])
+@pytest.mark.parametrize(
+    "joules,requests", [(None, 1), (1, None), (1, 0), (math.nan, 1), (-1, 5), (1, math.inf)]
+)
 def test_estimate_rejects_unusable_inputs(joules, requests):
     assert estimate(joules, requests, None, "runtime") is None
 
@@ -46,65 +47,109 @@ def test_format_joules_three_significant_digits():
     assert format_joules(0) == "0"
 
 
-class Fake(BaseHTTPRequestHandler):
-    answers: dict[str, float] = {}
+# The counters measure_tier reads for the tier demo/t on gpu-node, as
+# `Exposition` series, and decoys under other labels: another tier, another
+# namespace, other nodes (one whose name starts with the tier's node name).
+def runtime(name: str, namespace: str = "demo", tier: str = "t") -> Series:
+    return (name, "counter", (("namespace", namespace), ("tier", tier)))
 
-    def do_POST(self):  # noqa: N802
-        n = int(self.headers["content-length"])
-        q = urllib.parse.parse_qs(self.rfile.read(n).decode())["query"][0]
-        value = next((v for k, v in self.answers.items() if k in q), None)
-        result = [] if value is None else [{"metric": {}, "value": [0, str(value)]}]
-        body = json.dumps({"status": "success",
-                           "data": {"resultType": "vector", "result": result}}).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, *a):
-        pass
+def router_requests(tier: str = "t") -> Series:
+    return ("terrace_router_requests", "counter", (("status", "200"), ("tier", tier)))
+
+
+def gpu_energy(node: str = "gpu-node") -> Series:
+    return ("terrace_gpu_energy_joules", "counter", (("gpu", "0"), ("node", node)))
+
+
+REQUESTS, TOKENS = "terrace_runtime_requests", "terrace_runtime_tokens_generated"
+BUSY, ENERGY = "terrace_runtime_busy_seconds", "terrace_runtime_energy_joules"
+ELSEWHERE = (("demo", "other"), ("prod", "t"))  # (namespace, tier) of the decoys
+
+
+def decoys(name: str, value: float) -> dict[Series, float]:
+    """`name` for the decoy runtimes: any of them leaking into a sum shows."""
+    return {runtime(name, ns, tier): value * (i + 7) for i, (ns, tier) in enumerate(ELSEWHERE)}
+
+
+GPU_DECOYS = {gpu_energy("gpu-node-2"): 70_000.0, gpu_energy("cpu-node"): 9_000.0}
+
+
+@pytest.fixture(scope="module")
+def scraped(tmp_path_factory):
+    """One real Prometheus for the module, scraping an `Exposition`."""
+    with scraped_prometheus(tmp_path_factory.mktemp("prometheus"), "energy") as prom:
+        yield prom
 
 
 @pytest.fixture
-def prom():
-    handler = type("H", (Fake,), {"answers": {}})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield handler.answers, f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+def prom(scraped):
+    """The module's Prometheus, holding nothing from another test."""
+    scraped.forget()
+    return scraped
 
 
 def measure(url, device):
     async def go():
         async with PrometheusClient(url) as c:
-            return await measure_tier(c, TierQueries("demo", "t", nodes=("gpu-node",)), device,
-                                      CpuPowerModel(5.0))
+            return await measure_tier(
+                c, TierQueries("demo", "t", nodes=("gpu-node",)), device, CpuPowerModel(5.0)
+            )
+
     return asyncio.run(go())
 
 
-def test_source_order_runtime_then_agent_then_cpu_model(prom):
-    answers, url = prom
-    answers.update({"terrace_runtime_requests_total": 50, "terrace_gpu_energy_joules_total": 5000,
-                    "terrace_runtime_busy_seconds_total": 20,
-                    "terrace_runtime_tokens_generated_total": 1000})
-    e = measure(url, "gpu")
-    assert e.source == "gpu-agent" and e.per_request == 100 and e.per_token == 5
-    e = measure(url, "cpu")
-    assert e.source == "cpu-model" and e.per_request == 2.0  # 20 s x 5 W / 50
-    answers["terrace_runtime_energy_joules_total"] = 250
-    assert measure(url, "cpu").source == "runtime"
-    assert measure(url, "gpu").per_request == 5.0
+# Every increase() over the window is 1.5 x the increase shown (see
+# `Exposition`): the ratios below do not depend on it, the sums would if a
+# decoy leaked in.
+def test_gpu_agent_energy_on_a_gpu_tier_and_the_cpu_model_on_a_cpu_one(prom):
+    prom.show({
+        runtime(REQUESTS): 50, **decoys(REQUESTS, 1000),
+        runtime(TOKENS): 1000, **decoys(TOKENS, 30_000),
+        runtime(BUSY): 20, **decoys(BUSY, 500),
+        **decoys(ENERGY, 90_000),  # the tier's runtime reports no energy
+        router_requests(): 999, router_requests("other"): 5000,  # runtime counts win
+        gpu_energy(): 5000, **GPU_DECOYS,
+    })  # fmt: skip
+    e = measure(prom.url, "gpu")
+    assert e.source == "gpu-agent"
+    assert e.per_request == pytest.approx(100) and e.per_token == pytest.approx(5)
+    e = measure(prom.url, "cpu")
+    assert e.source == "cpu-model"
+    assert e.per_request == pytest.approx(2.0)  # 20 s x 5 W / 50
+    assert e.per_token == pytest.approx(0.1)  # 100 J / 1000
 
 
-def test_router_requests_are_the_fallback_and_no_requests_means_unknown(prom):
-    answers, url = prom
-    answers.update({"terrace_router_requests_total": 10, "terrace_gpu_energy_joules_total": 700})
-    assert measure(url, "gpu").per_request == 70
-    answers["terrace_router_requests_total"] = 0
-    assert measure(url, "gpu") is None
+def test_the_runtimes_own_energy_comes_first(prom):
+    prom.show({
+        runtime(REQUESTS): 50, **decoys(REQUESTS, 1000),
+        runtime(ENERGY): 250, **decoys(ENERGY, 90_000),
+        runtime(BUSY): 20,
+        gpu_energy(): 5000, **GPU_DECOYS,
+    })  # fmt: skip
+    for device in ("cpu", "gpu"):
+        e = measure(prom.url, device)
+        assert e.source == "runtime" and e.per_request == pytest.approx(5.0), device
+        assert e.per_token is None  # the tier's runtime reports no tokens
+
+
+def test_router_requests_are_the_fallback(prom):
+    prom.show({
+        **decoys(REQUESTS, 1000),  # runtimes of other tiers only
+        router_requests(): 10, router_requests("other"): 500,
+        gpu_energy(): 700, **GPU_DECOYS,
+    })  # fmt: skip
+    e = measure(prom.url, "gpu")
+    assert e.source == "gpu-agent" and e.per_request == pytest.approx(70)
+
+
+def test_no_requests_means_unknown(prom):
+    prom.show({
+        **decoys(REQUESTS, 1000),
+        router_requests(): 0, router_requests("other"): 500,
+        gpu_energy(): 700, **GPU_DECOYS,
+    })  # fmt: skip
+    assert measure(prom.url, "gpu") is None
 
 
 def test_energy_metrics_export():

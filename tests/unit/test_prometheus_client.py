@@ -1,9 +1,10 @@
 """The Prometheus client against a real Prometheus and a real HTTP server.
 
 A real Prometheus (Debian's binary, on 127.0.0.1) answers the cases PromQL can
-produce: empty vectors, NaN, several series, a bad query. A tiny real HTTP
-server on 127.0.0.1 serves what a healthy Prometheus will not: HTTP 500, a
-non-JSON body, a hang past the timeout, a dead port.
+produce: empty vectors, NaN and infinities, several series, a range vector, a
+bad query (400) and one that fails as it runs (422). A tiny real HTTP server
+on 127.0.0.1 serves what a real Prometheus will not: HTTP 500, a non-JSON
+body, a non-numeric value, a hang past the timeout; a dead port refuses.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ async def _value(url, q, timeout=5.0):
         return await c.value(q)
 
 
+# Two series of one value each, from PromQL alone.
+TWO_SERIES = (
+    '(label_replace(vector(1), "a", "x", "", "") or label_replace(vector(2), "a", "y", "", ""))'
+)
+
+
 def test_real_prometheus_single_value(real_prometheus):
     assert run(_value(real_prometheus, "vector(3.5)")) == 3.5
     assert run(_value(real_prometheus, "scalar(vector(2))")) == 2.0
@@ -60,6 +67,8 @@ def test_real_prometheus_nan_and_inf(real_prometheus):
         run(_value(real_prometheus, "vector(0/0)"))
     with pytest.raises(BadValue, match="inf"):
         run(_value(real_prometheus, "vector(1/0)"))
+    with pytest.raises(BadValue, match="inf"):
+        run(_value(real_prometheus, "vector(-1/0)"))
     # the built-in p95 over a histogram with no requests: empty, never 0
     q = TierQueries("demo", "gpu").latency_p95_ms()
     with pytest.raises(NoData):
@@ -69,6 +78,23 @@ def test_real_prometheus_nan_and_inf(real_prometheus):
 def test_real_prometheus_several_series(real_prometheus):
     q = 'vector(1) or label_replace(vector(2), "x", "y", "", "")'
     with pytest.raises(AmbiguousResult, match="2 series"):
+        run(_value(real_prometheus, q))
+    with pytest.raises(AmbiguousResult, match="2 series"):
+        run(_value(real_prometheus, TWO_SERIES))
+
+
+def test_real_prometheus_range_vector_is_a_query_error(real_prometheus):
+    with pytest.raises(QueryError, match="range vector"):
+        run(_value(real_prometheus, "up[1m]"))
+    with pytest.raises(QueryError, match="range vector"):
+        run(_value(real_prometheus, "vector(1)[1m:10s]"))  # a subquery: never empty
+
+
+def test_real_prometheus_execution_error_422(real_prometheus):
+    """A query that parses and fails when evaluated: Prometheus answers 422,
+    errorType execution (many-to-many matching)."""
+    q = f"{TWO_SERIES} + on() {TWO_SERIES}"
+    with pytest.raises(QueryError, match="execution: .*many-to-many"):
         run(_value(real_prometheus, q))
 
 
@@ -139,32 +165,13 @@ def test_http_500_is_unavailable(canned):
         run(_value(url, "up"))
 
 
-def test_query_error_422(canned):
-    url = canned(422, {"status": "error", "errorType": "execution", "error": "many-to-many"})
-    with pytest.raises(QueryError, match="many-to-many"):
-        run(_value(url, "a / b"))
-
-
-def test_edge_bodies(canned):
-    with pytest.raises(NoData):
-        run(_value(canned(200, vec()), "x"))
-    with pytest.raises(BadValue):
-        run(_value(canned(200, vec("NaN")), "x"))
-    with pytest.raises(BadValue):
-        run(_value(canned(200, vec("-Inf")), "x"))
-    with pytest.raises(AmbiguousResult):
-        run(_value(canned(200, vec("1", "2")), "x"))
+def test_bodies_a_real_prometheus_never_sends(canned):
+    """What a proxy in front of Prometheus, or a broken one, may answer."""
     with pytest.raises(PrometheusUnavailable):
         run(_value(canned(200, raw=b"<html>proxy</html>"), "x"))
-    with pytest.raises(PrometheusUnavailable):
+    with pytest.raises(PrometheusUnavailable, match="not-a-number"):
         run(_value(canned(200, vec("not-a-number")), "x"))
-    with pytest.raises(QueryError, match="range vector"):
-        run(
-            _value(
-                canned(200, {"status": "success", "data": {"resultType": "matrix", "result": []}}),
-                "x[1m]",
-            )
-        )
+    # the canned server's success body itself is read as a value
     assert run(_value(canned(200, vec("42")), "x")) == 42.0
 
 

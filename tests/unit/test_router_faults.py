@@ -127,6 +127,14 @@ class Upstream:
         time.sleep(0.3)
         return "closed"
 
+    def _head_then_hang(self, conn: socket.socket) -> str:
+        # A 200 head and the start of its body, then nothing more.
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n"
+            b'\r\n{"choices": ['
+        )
+        return self._hang(conn)
+
     def _hang(self, conn: socket.socket) -> str:
         # Never answers; notices when the router gives the connection up.
         conn.settimeout(10)
@@ -290,12 +298,31 @@ def test_a_client_that_leaves_stops_the_upstream(faulty, kind):
     assert any(dict(k).get("status") == "499" for k in left), left
 
 
+def test_a_client_that_leaves_while_the_body_comes_frees_the_slot(faulty):
+    """The head came, the body is still coming when the client leaves: the
+    router hangs up on the upstream and frees the endpoint's in-flight slot
+    (a leaked slot would end in false 429s)."""
+    url, up = faulty("head-then-hang", read_timeout=30)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            url + "/v1/chat/completions",
+            headers=AUTH,
+            json=CHAT,
+            timeout=httpx.Timeout(5, read=0.5),
+        )
+    assert up.client_left.wait(5), "the router kept the upstream connection for nobody"
+    assert up.reads == 1
+    _no_leak(url)
+
+
 @pytest.mark.parametrize("quiet", [False, True])
 def test_request_errors_never_eject_a_healthy_tier(stubs, servers, quiet):
     """LiteLLM's cooldown bug: caller-controlled failures took a healthy
     deployment out of service. Here 500s caused by bad requests, on a busy
-    tier or a quiet one (no success for longer than ejectSeconds), never
-    eject the endpoint: it passes the health check they trigger."""
+    tier (a success just before) or a quiet one (no success ever, so none
+    within any ejectSeconds), never eject the endpoint: each is relayed as
+    the upstream's own 500, never the router's 503 of an ejected tier, and
+    it passes the health check they trigger."""
     small = stubs["small"][0]
     cfg = make_config(stubs, thresholds=[2.0])
     cfg["tiers"][0].update(ejectAfterFailures=2, ejectSeconds=0.2)
@@ -305,12 +332,15 @@ def test_request_errors_never_eject_a_healthy_tier(stubs, servers, quiet):
         assert (
             c.chat.completions.with_raw_response.create(**CHAT).headers["x-terrace-tier"] == "small"
         )
-    time.sleep(0.3)  # time passes beyond ejectSeconds: no recent success to lean on
     small.mode = "fail"  # answers 500 to what follows, as to a poisoned request
     checks = small.health_checks
-    for _ in range(5):
-        with pytest.raises(openai.InternalServerError):
+    sent = len(small.requests)
+    for i in range(5):
+        with pytest.raises(openai.InternalServerError) as exc:
             c.chat.completions.create(**CHAT)
+        assert exc.value.status_code == 500, (i, exc.value)
+        assert "boom" in exc.value.message, (i, exc.value.message)
+        assert len(small.requests) == sent + i + 1, "the request did not reach the upstream"
     # The 500s made it a suspect: it was asked for its health, and answered.
     deadline = time.monotonic() + 10
     while small.health_checks == checks:

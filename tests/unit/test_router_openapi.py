@@ -8,6 +8,7 @@ refused.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -16,6 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from router_harness import ServerThread
 from runtime_harness import MODEL, OPENAPI_CHECKS, ServedRuntime, build_byte_model
+from starlette.applications import Starlette
 from terrace_router.app import VERSION, create_app
 from terrace_router.config import RouterConfig
 from terrace_router.openapi import document
@@ -27,7 +29,8 @@ MODELS = ("auto", "small", "large")
 
 
 @pytest.fixture(scope="module")
-def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Starlette]]:
+    """The router's URL and its app, in front of a real runtime."""
     model = build_byte_model(tmp_path_factory.mktemp("byte-model"))
     with ServedRuntime(model, max_tokens_limit=TOKEN_LIMIT) as runtime:
         tier = {"endpoints": [runtime.url], "upstreamModel": MODEL, "readTimeoutSeconds": 30}
@@ -41,24 +44,70 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 "cache": {"enabled": False},
             }
         )
-        server = ServerThread(create_app(cfg)).start()
+        app = create_app(cfg)
+        server = ServerThread(app).start()
         try:
-            yield server.url
+            yield server.url, app
         finally:
             server.stop()
 
 
-def test_the_document_describes_every_endpoint(router):
+@pytest.fixture
+def router(served: tuple[str, Starlette]) -> str:
+    return served[0]
+
+
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+# The endpoints the router's documentation promises, written out here.
+DOCUMENTED = {
+    ("/v1/chat/completions", "post"),
+    ("/v1/completions", "post"),
+    ("/v1/models", "get"),
+    ("/v1/models/{model}", "get"),
+    ("/v2", "get"),
+    ("/v2/health/live", "get"),
+    ("/v2/health/ready", "get"),
+    ("/v2/models/{name}", "get"),
+    ("/v2/models/{name}/ready", "get"),
+    ("/v2/models/{name}/infer", "post"),
+    ("/v2/models/{name}/versions/{version}", "get"),
+    ("/v2/models/{name}/versions/{version}/ready", "get"),
+    ("/v2/models/{name}/versions/{version}/infer", "post"),
+    ("/healthz", "get"),
+    ("/readyz", "get"),
+    ("/metrics", "get"),
+    ("/openapi.json", "get"),
+}
+
+
+def operations(doc: dict) -> set[tuple[str, str]]:
+    """(path, method) of every operation in an OpenAPI document."""
+    return {(p, m) for p, item in doc["paths"].items() for m in item if m in HTTP_METHODS}
+
+
+def routed(app: Starlette) -> set[tuple[str, str]]:
+    """(path, method) the app routes, in OpenAPI's spelling of a path."""
+    return {
+        (re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", route.path), method.lower())
+        for route in app.routes
+        for method in (route.methods or ()) - {"HEAD"}
+    }
+
+
+def test_the_document_describes_every_endpoint(served):
+    router, app = served
     doc = httpx.get(router + "/openapi.json").json()
-    assert doc == DOCUMENT and doc["openapi"] == "3.1.0"
+    assert doc["openapi"] == "3.1.0"
+    # Every route the app serves, and nothing else, is documented; and that
+    # is the list written out here.
+    assert operations(doc) == routed(app)
+    assert operations(doc) == DOCUMENTED
     paths = doc["paths"]
     for path in ("/v1/chat/completions", "/v1/completions"):
         responses = paths[path]["post"]["responses"]
         assert {"200", "400", "429", "502", "503", "504"} <= set(responses)
         assert "Retry-After" in responses["429"]["headers"]
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
-    for path in ("/v1/models", "/v2/models/{name}/infer", "/healthz", "/metrics"):
-        assert path in paths
     schemas = doc["components"]["schemas"]
     assert set(schemas["CompletionRequest"]["properties"]) == set(CompletionRequest.model_fields)
     assert set(schemas["ChatCompletionRequest"]["properties"]) == set(

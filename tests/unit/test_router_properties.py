@@ -153,9 +153,28 @@ BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6) | st.fixed_d
 )
 
 
-def _is_path_in(payload: Any, param: str) -> bool:
-    """Whether `param` (OpenAI's spelling, `messages.[0].role`) starts with a key of the body."""
-    return param.split(".", 1)[0] in payload
+# The codes of the validators' 400s. Only a body that is not a JSON object
+# (code None) names no field; every other 400 names one.
+PARAM_MAY_BE_NONE: set[str | None] = {None}
+CODES = PARAM_MAY_BE_NONE | {"missing_required_parameter", "invalid_value"}
+_MISSING = object()
+
+
+def _walk(payload: Any, parts: list[str]) -> Any:
+    """The value at `parts` (OpenAI's spelling split on ".": `messages`, `[0]`,
+    `role`) in `payload`, or `_MISSING` where the path leaves it."""
+    node = payload
+    for part in parts:
+        if part.startswith("[") and part.endswith("]") and isinstance(node, list):
+            i = int(part[1:-1])
+            if not 0 <= i < len(node):
+                return _MISSING
+            node = node[i]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return _MISSING
+    return node
 
 
 @pytest.mark.parametrize("kind", ["chat", "completions"])
@@ -167,9 +186,19 @@ def test_any_json_body_is_valid_or_a_400_naming_a_real_field(kind, body):
         validate(kind, payload)
     except RouterError as err:
         assert err.status == 400 and err.type == "invalid_request_error"
-        missing = err.code == "missing_required_parameter"
-        assert err.param is None or missing or _is_path_in(payload, err.param), err.param
+        assert err.code in CODES, err.code
         assert "Traceback" not in err.message
+        if err.code in PARAM_MAY_BE_NONE:
+            assert err.param is None, err.param
+            return
+        assert err.param, (err.code, err.param)
+        parts = err.param.split(".")
+        if err.code == "missing_required_parameter":
+            # The field is absent where the payload it belongs to is present.
+            assert _walk(payload, parts[:-1]) is not _MISSING, err.param
+            assert _walk(payload, parts) is _MISSING, err.param
+        else:  # a value that is there and wrong
+            assert _walk(payload, parts) is not _MISSING, err.param
     else:
         assert isinstance(payload.get("model"), str) and payload["model"]
 

@@ -10,7 +10,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from runtime_harness import MODEL, ServedRuntime, build_byte_model
+from runtime_harness import MODEL, PROBE_TOKENS, ServedRuntime, build_byte_model
 from served import ServerThread
 from terrace_router.app import create_app
 from terrace_router.config import RouterConfig
@@ -36,7 +36,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServedRun
 @pytest.mark.parametrize("stream", [False, True])
 def test_leaving_the_router_stops_the_runtime(served, stream):
     runtime, port = served
-    start = runtime.tokens_when_settled()
+    start = runtime.settled_tokens()
+    statuses = {
+        s: runtime.metric("terrace_runtime_requests_total", endpoint="completions", status=s)
+        for s in ("200", "499", "500")
+    }
     body = json.dumps(
         {
             "model": "small",
@@ -60,5 +64,19 @@ def test_leaving_the_router_stops_the_runtime(served, stream):
             conn.settimeout(0)
             with pytest.raises(BlockingIOError):
                 conn.recv(1)  # no answer yet: still generating
-    generated = runtime.tokens_when_settled() - start
+    # The runtime's own evidence: no request in flight any more, the
+    # generation stopped short, and the request counted once (a stream had
+    # its 200 sent; an unanswered request is a 499).
+    runtime.wait_idle()
+    assert runtime.metric("terrace_runtime_inflight_requests") == 0
+    idle = runtime.metric("terrace_runtime_tokens_generated_total")
+    generated = idle - start
     assert 0 < generated < MAX_TOKENS / 10, generated
+    counted = "200" if stream else "499"
+    for status, was in statuses.items():
+        now = runtime.metric(
+            "terrace_runtime_requests_total", endpoint="completions", status=status
+        )
+        assert now - was == (1 if status == counted else 0), (status, was, now)
+    # Nothing generates on: a new request adds exactly its own tokens.
+    assert runtime.settled_tokens() - idle == PROBE_TOKENS

@@ -20,7 +20,7 @@ import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from localproc import ServerProcess, free_port
+from localproc import ServerProcess
 from onnx import TensorProto, helper
 from terrace_runtime.http import dumps, loads
 from terrace_runtime.tensors import (
@@ -492,12 +492,12 @@ def _identity_model(path: Path, inputs: dict[str, int], dims: list[str]) -> Path
 
 
 def _serve(model: Path, name: str, log: Path) -> ServerProcess:
-    """One `terrace-runtime serve` on 127.0.0.1 (stopped by its PID)."""
-    port = free_port()
+    """One `terrace-runtime serve` on 127.0.0.1, on a port it binds itself
+    (read back from `log` by `ServerProcess.wait`), stopped by its PID."""
     argv = [sys.executable, "-m", "terrace_runtime.cli", "serve", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--model", str(model), "--format", "onnx", "--name", name]
+    argv += ["--port", "0", "--model", str(model), "--format", "onnx", "--name", name]
     argv += ["--threads", "1"]
-    return ServerProcess(name, argv, port, "/v2/health/ready", log)
+    return ServerProcess(name, argv, 0, "/v2/health/ready", log)
 
 
 def _infer(server: ServerProcess) -> str:

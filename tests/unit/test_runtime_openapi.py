@@ -4,10 +4,11 @@ invalid) get no server error and no answer the document does not describe
 (status, content type, headers, body), and requests that break the
 document's request schemas are refused.
 
-The document is built here for the same settings as the served one (and
-checked to be what it serves): schemathesis parametrizes at import time,
-before any server runs, and its lazy `from_fixture` loader does not work
-with this pytest.
+Schemathesis reads a document built here for the same settings as the
+served one: it parametrizes at import time, before any server runs, and its
+lazy `from_fixture` loader does not work with this pytest. The served
+document is checked against the app's own routes and a list written out
+here, never against the function that builds it.
 """
 
 from __future__ import annotations
@@ -38,10 +39,9 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedRuntime]
 
 def test_the_document_describes_every_endpoint(runtime):
     doc = httpx.get(runtime.url + "/openapi.json").json()
-    assert doc == DOCUMENT
     assert doc["openapi"].startswith("3.1")
     paths = doc["paths"]
-    for path, method in [
+    assert operations(doc) == {
         ("/v1/completions", "post"),
         ("/v1/chat/completions", "post"),
         ("/v1/models", "get"),
@@ -52,12 +52,14 @@ def test_the_document_describes_every_endpoint(runtime):
         ("/v2/models/{name}", "get"),
         ("/v2/models/{name}/ready", "get"),
         ("/v2/models/{name}/infer", "post"),
+        ("/v2/models/{name}/versions/{version}", "get"),
+        ("/v2/models/{name}/versions/{version}/ready", "get"),
+        ("/v2/models/{name}/versions/{version}/infer", "post"),
         ("/healthz", "get"),
         ("/readyz", "get"),
         ("/metrics", "get"),
         ("/openapi.json", "get"),
-    ]:
-        assert method in paths[path], path
+    }
     completions = paths["/v1/completions"]["post"]["responses"]
     assert set(completions) == {"200", "400", "404", "413", "429", "500", "503"}
     assert "Retry-After" in completions["429"]["headers"]
@@ -71,15 +73,23 @@ def test_the_document_describes_every_endpoint(runtime):
     assert set(schemas["ChatRequest"]["properties"]) == set(ChatRequest.model_fields)
 
 
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def operations(doc: dict) -> set[tuple[str, str]]:
+    """(path, method) of every operation in an OpenAPI document."""
+    return {(p, m) for p, item in doc["paths"].items() for m in item if m in HTTP_METHODS}
+
+
 def test_every_served_route_is_in_the_document(runtime):
-    """What the app routes and what the document lists are the same set."""
+    """What the app routes and what the served document lists are the same set."""
     served = {
         (re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", route.path), method.lower())
         for route in runtime.app.routes
         for method in (route.methods or ()) - {"HEAD"}
     }
-    documented = {(path, method) for path, ops in DOCUMENT["paths"].items() for method in ops}
-    assert served == documented
+    doc = httpx.get(runtime.url + "/openapi.json").json()
+    assert served == operations(doc)
 
 
 schema = schemathesis.openapi.from_dict(DOCUMENT)

@@ -5,15 +5,9 @@ calls (the cluster version is tests/integration/test_control_loop.py)."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-import urllib.parse
-import urllib.request
 
 import pytest
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from served import Prometheus, refusing_url, until
+from served import refusing_url, scraped_prometheus, until
 from terrace_operator.agent.protocol import (
     ENFORCED_KEY,
     GpuReport,
@@ -35,110 +29,6 @@ RUNTIME = (("namespace", "demo"), ("tier", "big"))
 RUNTIME_REQUESTS = ("terrace_runtime_requests", "counter", RUNTIME)
 RUNTIME_BUSY = ("terrace_runtime_busy_seconds", "counter", RUNTIME)
 RUNTIME_TOKENS = ("terrace_runtime_tokens_generated", "counter", RUNTIME)
-STEP = ("terrace_test_step", "gauge", ())
-# Every latency observation falls in (0.05, 0.1]: the p95 is 97.5 ms.
-LATENCY_BUCKETS = (0.05, 0.1, 0.25)
-
-Series = tuple[str, str, tuple[tuple[str, str], ...]]
-
-
-class Exposition:
-    """A prometheus_client collector, served by its own HTTP server, that the
-    real Prometheus scrapes every second. `show` records two samples per
-    series, one second apart and just ahead of the clock (explicit
-    timestamps); each scrape exposes the next of them, so Prometheus holds
-    exactly those two. A counter goes from its last total up by the given
-    increase, so after a test's first `show` every `increase()` over the 1m
-    window is 1.5 x that increase (Prometheus extrapolates half a sample
-    interval past the last sample and none before a counter's zero) and every
-    `rate()` is that over 60 s, whatever the clock says when the tick queries."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.reset()
-
-    def reset(self) -> None:
-        with self.lock:
-            self.steps: list[tuple[float, dict[Series, float]]] = []
-            self.next = 0
-            self.gauges: dict[Series, float] = {}
-            self.totals: dict[Series, float] = {}
-
-    def show(self, values: dict[Series, float]) -> tuple[int, float]:
-        """Record `values` (gauge values, counter increases, latency
-        observations) over what earlier calls showed; the index of the last
-        step and its time."""
-        with self.lock:
-            last = self.steps[-1][0] if self.steps else 0.0
-            t = max(time.time() + 0.5, last + 1)
-            before = dict(self.totals)
-            for series, v in values.items():
-                if series[1] == "gauge":
-                    self.gauges[series] = v
-                else:
-                    self.totals[series] = before.get(series, 0.0) + v
-            index = len(self.steps) + 1
-            start = {series: before.get(series, 0.0) for series in self.totals}
-            self.steps.append((t, {**self.gauges, **start, STEP: index - 1}))
-            self.steps.append((t + 1, {**self.gauges, **self.totals, STEP: index}))
-            return index, t + 1
-
-    def collect(self):
-        with self.lock:
-            if not self.steps:
-                return
-            t, values = self.steps[self.next]
-            self.next = min(self.next + 1, len(self.steps) - 1)
-        for (name, kind, pairs), v in values.items():
-            labels = dict(pairs)
-            if kind == "gauge":
-                family = GaugeMetricFamily(name, name, labels=list(labels))
-                family.add_metric(list(labels.values()), v, timestamp=t)
-            elif kind == "counter":
-                family = CounterMetricFamily(name, name, labels=list(labels))
-                family.add_metric(list(labels.values()), v, timestamp=t)
-            else:  # histogram of `v` observations in (0.05, 0.1]
-                family = HistogramMetricFamily(name, name, labels=list(labels))
-                buckets = [(str(b), v if b >= 0.1 else 0.0) for b in LATENCY_BUCKETS]
-                family.add_metric(
-                    list(labels.values()), [*buckets, ("+Inf", v)], v * 0.075, timestamp=t
-                )
-            yield family
-
-
-class Prom:
-    """A real Prometheus that scrapes an `Exposition`."""
-
-    def __init__(self, prometheus: Prometheus, exposition: Exposition) -> None:
-        self.prometheus = prometheus
-        self.exposition = exposition
-        self.url = prometheus.url
-
-    def forget(self) -> None:
-        """Nothing exposed and nothing left in Prometheus from earlier tests:
-        every series deleted up to now (what `show` adds is later)."""
-        self.exposition.reset()
-        query = urllib.parse.urlencode({"match[]": '{job="tick"}', "end": f"{time.time():.3f}"})
-        req = urllib.request.Request(
-            f"{self.url}/api/v1/admin/tsdb/delete_series?{query}", method="POST"
-        )
-        with urllib.request.urlopen(req, timeout=10) as r:
-            assert r.status == 204, r.status
-        assert self.prometheus.query('{job="tick"}') == []
-
-    def show(self, values: dict[Series, float]) -> None:
-        """Expose `values` and wait until Prometheus has scraped all of it and
-        its last sample is more than a sample interval old (the extrapolation
-        `Exposition` counts on)."""
-        step, last = self.exposition.show(values)
-        deadline = time.monotonic() + 30
-        while True:
-            got = self.prometheus.query("terrace_test_step")
-            if got and float(got[0]["value"][1]) == step and time.time() > last + 1.2:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Prometheus did not scrape step {step}: {got}")
-            time.sleep(0.1)
 
 
 class Api:
@@ -190,23 +80,8 @@ class Api:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory):
     """One real Prometheus for the module, scraping an `Exposition`."""
-    registry = CollectorRegistry()
-    exposition = Exposition()
-    registry.register(exposition)
-    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    target = f"127.0.0.1:{server.server_port}"
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [{"job_name": "tick", "static_configs": [{"targets": [target]}]}],
-    }
-    workdir = tmp_path_factory.mktemp("prometheus")
-    try:
-        with Prometheus(workdir, config, "--web.enable-admin-api") as prometheus:
-            yield Prom(prometheus, exposition)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with scraped_prometheus(tmp_path_factory.mktemp("prometheus"), "tick") as prom:
+        yield prom
 
 
 @pytest.fixture
