@@ -72,13 +72,10 @@ import json
 import math
 import random
 import shutil
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -91,7 +88,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "hack"))
 
-from localproc import ServerProcess  # noqa: E402
+from localproc import Relay, ServerProcess  # noqa: E402
 
 # A tiny model answers in well under a second even on a busy 2-core machine;
 # a request with no answer after this long is a hang, not a slow answer.
@@ -361,82 +358,6 @@ def router_argv(small: str, large: str) -> list[str]:
     return [sys.executable, "-m", "terrace_router.cli", "serve", "--tier", f"small={small}",
             "--tier", f"large={large}", "--host", "127.0.0.1", "--port", "0",
             "--log-level", "info"]  # fmt: skip
-
-
-class Relay:
-    """An address on 127.0.0.1 this process holds for the whole run (a
-    listening socket on a port the OS picked), relaying each connection to
-    127.0.0.1:`target`, the runtime of the moment. With no target (the
-    runtime killed, or not ready again yet) a connection is reset at once,
-    the way a dead upstream's address answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.sock.settimeout(0.2)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.target: int | None = None
-        self.stopping = threading.Event()
-        self.lock = threading.Lock()
-        self.open: set[socket.socket] = set()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(None)
-            target = self.target
-            try:
-                if target is None:
-                    raise ConnectionRefusedError("no runtime behind the relay")
-                upstream = socket.create_connection(("127.0.0.1", target), timeout=5)
-            except OSError:
-                self._reset(conn)
-                continue
-            upstream.settimeout(None)
-            with self.lock:
-                self.open |= {conn, upstream}
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _reset(conn: socket.socket) -> None:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            with self.lock:
-                gone = {src, dst} & self.open
-                self.open -= gone
-            for s in gone:
-                s.close()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.sock.close()
-        self.thread.join(5)
-        with self.lock:
-            left, self.open = self.open, set()
-        for s in left:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
 
 
 def rss_kib(pid: int) -> int:

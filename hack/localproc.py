@@ -9,8 +9,12 @@ from free_port() is free only until somebody else binds it.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from devcluster import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
+    "Relay",
     "AGENT_PORT",
     "PROMETHEUS_PORT",
     "UVICORN_PORT",
@@ -125,3 +130,83 @@ class ServerProcess:
                 self.proc.wait(5)
         if self._log is not None:
             self._log.close()
+
+
+class Relay:
+    """A stable address on 127.0.0.1 in front of a server that comes and
+    goes, as a Service is in front of its pods: each connection is relayed to
+    127.0.0.1:`target`, the server of the moment. With no target (killed, or
+    not ready again yet) a connection is reset at once, the way a dead
+    upstream's address answers. `sock` is a socket already bound (one a test
+    held, refusing connections, until the server was ready); by default a
+    port the OS picks."""
+
+    def __init__(self, sock: socket.socket | None = None, target: int | None = None) -> None:
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+        self.sock = sock
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.target = target
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.open: set[socket.socket] = set()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            target = self.target
+            try:
+                if target is None:
+                    raise ConnectionRefusedError("no runtime behind the relay")
+                upstream = socket.create_connection(("127.0.0.1", target), timeout=5)
+            except OSError:
+                self._reset(conn)
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.open |= {conn, upstream}
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _reset(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            with self.lock:
+                gone = {src, dst} & self.open
+                self.open -= gone
+            for s in gone:
+                s.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+        self.thread.join(5)
+        with self.lock:
+            left, self.open = self.open, set()
+        for s in left:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()

@@ -174,6 +174,37 @@ def is_ready(obj: dict | None) -> bool:
     )
 
 
+def private_gpu_node(cluster: Any, name: str, gpus: int) -> None:
+    """A kwok GPU Node (labelled and tainted like the dev cluster's gpu-node,
+    `gpus` nvidia.com/gpu) that only pods tolerating `terrace.dev/test=NAME`
+    land on: no other test's pods, requests or agent there. Waits until Ready;
+    the caller deletes it."""
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                       "kubernetes.io/arch": "amd64", "type": "kwok",
+                       "terrace.dev/accelerator": "nvidia"},
+        },
+        "spec": {"taints": [
+            {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},
+            {"key": "terrace.dev/test", "value": name, "effect": "NoSchedule"},
+        ]},
+        "status": {
+            "capacity": {"cpu": "16", "memory": "128Gi", "pods": "110",
+                         "nvidia.com/gpu": str(gpus)},
+            "allocatable": {"cpu": "16", "memory": "128Gi", "pods": "110",
+                            "nvidia.com/gpu": str(gpus)},
+        },
+    }  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
+    wait_for(lambda: condition(get_or_none(cluster, "node", name, ""), "Ready").get("status")
+             == "True", 60, what=f"node {name} Ready")  # fmt: skip
+
+
 class OperatorProcess:
     """`terrace-operator` as a subprocess watching `namespaces`."""
 

@@ -32,6 +32,7 @@ from operator_harness import (
     install_crds,
     install_rbac,
     kubectl_json,
+    private_gpu_node,
     wait_for,
 )
 from terrace_operator.agent.protocol import ENFORCED_KEY, desired_entries, desired_key
@@ -138,34 +139,13 @@ def op(cluster, tmp_path_factory) -> Iterator[dict]:
     install_rbac(cluster)
     for ns in (NS, QUOTA_NS):
         cluster.kubectl("create", "namespace", ns)
-    node = {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": GPU_NODE,
-            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-            "labels": {"kubernetes.io/hostname": GPU_NODE, "kubernetes.io/os": "linux",
-                       "kubernetes.io/arch": "amd64", "type": "kwok",
-                       "terrace.dev/accelerator": "nvidia"},
-        },
-        "spec": {"taints": [
-            {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},
-            {"key": "terrace.dev/test", "value": GPU_NODE, "effect": "NoSchedule"},
-        ]},
-        "status": {
-            "capacity": {"cpu": "16", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "8"},
-            "allocatable": {"cpu": "16", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "8"},
-        },
-    }  # fmt: skip
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
     operator = OperatorProcess(cluster, [NS, QUOTA_NS], tmp / "operator.log", env={
         "TERRACE_PROMETHEUS_URL": cluster.prometheus_url,
         "TERRACE_CONTROL_INTERVAL_SECONDS": str(TICK),
         "TERRACE_METRICS_WINDOW": "10s",
     }, wake=True)  # fmt: skip
     try:
-        wait_for(lambda: condition(get_or_none(cluster, "node", GPU_NODE, ""), "Ready")
-                 .get("status") == "True", 60, what=f"node {GPU_NODE} Ready")  # fmt: skip
+        private_gpu_node(cluster, GPU_NODE, gpus=8)
         operator.start()
         yield {"operator": operator, "wake": operator.wake_url(NS)}
     finally:

@@ -50,6 +50,7 @@ from operator_harness import (
     install_crds,
     install_rbac,
     kubectl_json,
+    private_gpu_node,
     wait_for,
 )
 from terrace_operator.agent.protocol import ENFORCED_KEY, desired_entries, desired_key
@@ -372,28 +373,8 @@ def test_a_deployment_the_tier_does_not_control_is_never_scaled(cluster, op):
 def gpu_node(cluster) -> Iterator[str]:
     """A fake GPU Node (one GPU) only this test's tier may use; no agent yet."""
     name = f"rules-gpu-{uuid.uuid4().hex[:6]}"
-    node = {
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {
-            "name": name,
-            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-            "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                       "kubernetes.io/arch": "amd64", "type": "kwok",
-                       "terrace.dev/accelerator": "nvidia"},
-        },
-        "spec": {"taints": [
-            {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},
-            {"key": "terrace.dev/test", "value": name, "effect": "NoSchedule"},
-        ]},
-        "status": {
-            "capacity": {"cpu": "16", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "1"},
-            "allocatable": {"cpu": "16", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "1"},
-        },
-    }  # fmt: skip
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(node))
     try:
-        wait_for(lambda: condition(get_or_none(cluster, "node", name, ""), "Ready")
-                 .get("status") == "True", 60, what=f"node {name} Ready")  # fmt: skip
+        private_gpu_node(cluster, name, gpus=1)
         yield name
     finally:
         cluster.kubectl("delete", "node", name, "--ignore-not-found", check=False)

@@ -21,7 +21,6 @@ it, and the tier never woke.) Two ways to meet a sleeping tier:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
@@ -38,7 +37,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from localproc import ServerProcess  # noqa: E402
+from localproc import Relay, ServerProcess  # noqa: E402
 from operator_harness import (  # noqa: E402
     OperatorProcess,
     ensure_namespace,
@@ -79,7 +78,7 @@ def replicas(cluster: Any) -> int:
 def _service_address() -> socket.socket:
     """The sleeping tier's address, as a Service's would be: a port this test
     holds bound but not listening (connections are refused, nobody else can
-    take it) until `_Endpoint` listens on it once a pod is ready."""
+    take it) until a `Relay` listens on it once a pod is ready."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     return sock
@@ -112,47 +111,6 @@ def _router(
     argv = [sys.executable, "-m", "terrace_router.cli", "serve", "--host", "127.0.0.1",
             "--port", "0", "--config", str(path)]  # fmt: skip
     return ServerProcess("router", argv, 0, "/readyz", tmp / f"{path.stem}.log")
-
-
-class _Endpoint:
-    """A ready pod's address: a TCP relay from the Service's bound `sock` to
-    the pod's port `target`."""
-
-    def __init__(self, sock: socket.socket, target: int) -> None:
-        self.target = target
-        self.sock = sock
-        self.sock.listen()
-        self.sock.settimeout(0.2)
-        self.stopping = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.sock.close()
 
 
 def _ask(router: ServerProcess) -> httpx.Response:
@@ -281,7 +239,7 @@ def test_a_held_request_is_served_by_the_tier_it_woke(cluster, env, router, requ
         pod = _runtime("sleepy", env["model"], env["tmp"] / "sleepy.log")
         started.append(pod)
         pod.wait(300)
-        started.append(_Endpoint(address, pod.port))
+        started.append(Relay(address, pod.port))
 
     runner = threading.Thread(target=kubelet, daemon=True)
     runner.start()
