@@ -48,6 +48,10 @@ class CpuPowerModel:
         return max(0.0, cpu_seconds) * self.watts_per_busy_core
 
 
+# The `endpoint` label of terrace_runtime_requests_total (http.instrumented).
+SERVED_ENDPOINTS = ("completions", "chat_completions", "infer")
+
+
 class RuntimeMetrics:
     def __init__(self, model: str, energy: CpuPowerModel | None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -144,6 +148,16 @@ class RuntimeMetrics:
         self.ready.labels(model).set(0)
         # Label lookups cost a lock and a dict per call; the hot path reuses children.
         self._children: dict[tuple[object, ...], Any] = {}
+        # Every counter a rate or an increase() is taken of exists at 0 from the
+        # start (Prometheus's advice): a series first scraped at 1 shows no
+        # increase, and the first requests after a start would vanish from the
+        # operator's energy and demand figures.
+        for counter in (self.tokens_generated, self.prompt_tokens, self.busy, self.cpu,
+                        self.energy_joules):
+            if counter is not None:
+                self.child(counter)
+        for endpoint in SERVED_ENDPOINTS:
+            self.child(self.requests, endpoint, "200")
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(model, *labels)`, cached."""
