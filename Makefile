@@ -69,6 +69,7 @@ clean: cluster-down
 chart-sync:
 	cp crds/terrace.dev_*.yaml charts/terrace/crds/
 	cp operator/terrace_operator/rbac/clusterrole.yaml charts/terrace/files/operator-clusterrole.yaml
+	cp operator/terrace_operator/rbac/role.yaml charts/terrace/files/operator-role.yaml
 	cp operator/terrace_operator/agent/rbac.yaml charts/terrace/files/agent-rbac.yaml
 
 # Benchmarks print side-by-side tables; LiteLLM (the router's peer) lives in

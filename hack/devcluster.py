@@ -641,6 +641,39 @@ class Cluster:
             )
         self._wait("Prometheus", lambda: self._ready(f"{self.prometheus_url}/-/ready"))
 
+    def stop_component(self, name: str) -> None:
+        """Stop one component by PID (the others keep running), keeping its
+        command line for start_component. Stopping etcd leaves the apiserver
+        running but not ready."""
+        if name not in COMPONENTS:
+            raise ClusterError(f"unknown component {name!r}: one of {', '.join(COMPONENTS)}")
+        pid = self._pid(name)
+        if pid is None:
+            raise ClusterError(f"{name} is not running")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        (self.dir / "pids" / f"{name}.argv").write_text(json.dumps([a.decode() for a in argv]))
+        self._stop(name)
+
+    def start_component(self, name: str, timeout: float = READY_TIMEOUT_S) -> None:
+        """Start a component stop_component stopped, with the same command line
+        (same ports, data and certificates); wait until the cluster is healthy."""
+        saved = self.dir / "pids" / f"{name}.argv"
+        if self._pid(name) is None:
+            if not saved.exists():
+                raise ClusterError(f"{name} was not stopped by stop_component")
+            self._spawn(name, json.loads(saved.read_text()))
+        saved.unlink(missing_ok=True)
+        self._wait(
+            f"{name} restarted, cluster healthy",
+            lambda: (self.healthy(), f"running: {self.running()}"),
+            timeout,
+        )
+
+    def restart(self, name: str) -> None:
+        """Stop one component and start it again (stop_component, start_component)."""
+        self.stop_component(name)
+        self.start_component(name)
+
     def service_account_kubeconfig(self, namespace: str, name: str, duration: str = "24h") -> Path:
         """A kubeconfig that authenticates as a ServiceAccount (a TokenRequest token)."""
         token = self.kubectl(

@@ -200,6 +200,16 @@ class Relay:
             for s in gone:
                 s.close()
 
+    def cut(self) -> None:
+        """A partition: every open connection reset, new ones refused, until
+        `target` is set again."""
+        self.target = None
+        with self.lock:
+            left, self.open = self.open, set()
+        for s in left:
+            with contextlib.suppress(OSError):
+                self._reset(s)
+
     def stop(self) -> None:
         self.stopping.set()
         self.sock.close()

@@ -28,7 +28,7 @@ from terrace_router.config import (
     TierConfig,
 )
 
-from .api import API_VERSION, GROUP, ModelTierSpec, TierRouterSpec
+from .api import API_VERSION, GROUP, ModelTierSpec, TierRef, TierRouterSpec
 from .settings import OperatorSettings
 
 MANAGER = "terrace-operator"
@@ -391,16 +391,24 @@ def router_configmap_name(name: str) -> str:
 
 
 def render_router_config(
-    spec: TierRouterSpec, tiers: list[ResolvedTier], wake_url: str | None = None
+    spec: TierRouterSpec,
+    tiers: list[ResolvedTier],
+    wake_url: str | None = None,
+    namespace: str = "",
 ) -> RouterConfig:
     """The routing table for the router, in terrace_router.config's own model.
 
     `tiers` are the resolved ModelTiers in the TierRouter's order; entries
-    whose ModelTier is missing are left out by the caller. `wake_url`: the
+    whose ModelTier is missing are left out by the caller. With none at all,
+    every tier the TierRouter names is listed at the Service address its
+    ModelTier will have: requests get the router's 503 until one appears,
+    and never reach a tier the router no longer names. `wake_url`: the
     operator's wake endpoint (OperatorSettings.wake_url), given to the tiers
-    that scale to zero.
+    that scale to zero. `namespace`: the TierRouter's, for those addresses.
     """
     refs = {t.name: t for t in spec.tiers}
+    if not tiers:
+        return _router_config(spec, [_waiting_for(ref, namespace) for ref in spec.tiers])
     rendered = []
     for tier in tiers:
         ref = refs[tier.name]
@@ -422,6 +430,20 @@ def render_router_config(
                 ),
             )
         )
+    return _router_config(spec, rendered)
+
+
+def _waiting_for(ref: TierRef, namespace: str) -> TierConfig:
+    """A named tier with no ModelTier yet: its future Service, nothing else."""
+    return TierConfig(
+        name=ref.name,
+        endpoints=[tier_endpoint(ref.name, namespace)],
+        upstream_model=ref.upstream_model,
+        read_timeout_seconds=float(ref.timeout_seconds),
+    )
+
+
+def _router_config(spec: TierRouterSpec, rendered: list[TierConfig]) -> RouterConfig:
     c = spec.classifier
     return RouterConfig(
         tiers=rendered,

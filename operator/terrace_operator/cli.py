@@ -3,10 +3,13 @@
     terrace-operator                         # all namespaces, settings from TERRACE_* env
     terrace-operator -n demo -n prod         # only these namespaces
     terrace-operator --metrics-port 0        # any free port (logged)
+    terrace-operator --leader-elect          # one of several replicas acts (a Lease)
 
-The operator runs as one replica with `strategy: Recreate`, so by default it
-runs kopf in standalone mode (no peering objects); `--peering NAME` turns
-kopf peering on for setups that run several replicas with priorities.
+kopf watches (handlers.py) into one cache; two controllers act on it, one
+per kind: ModelTierController (tiers.py) and TierRouterController
+(routers.py). With --leader-elect every replica watches but only the holder
+of the Lease acts (leader.py); one that loses the Lease exits with status 1
+and is restarted, so it comes back with a clean state.
 """
 
 from __future__ import annotations
@@ -15,17 +18,24 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
 import kopf
+from kubernetes.config import ConfigException
 
-from . import control, handlers
+from . import handlers
+from .cache import Cache
 from .children import MANAGER
-from .controller import Controller
-from .kube import Credentials, KubeClient
+from .kube import KubeClient, load_configuration
+from .leader import LeaderElector
 from .metrics import Metrics
+from .prometheus import PrometheusClient
+from .routers import TierRouterController
 from .settings import OperatorSettings
+from .tiers import ModelTierController
+from .wake import serve_wake
 
 log = logging.getLogger("terrace_operator")
 
@@ -57,12 +67,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--metrics-port", type=int, help="port for /metrics (0: any free port; -1 disables)"
     )
     p.add_argument(
-        "--peering",
-        dest="peering_name",
-        metavar="NAME",
-        help="use kopf peering object NAME instead of standalone mode",
+        "--leader-elect",
+        dest="leader_election",
+        action="store_true",
+        default=None,
+        help="elect a leader through a Lease before acting (run several replicas)",
     )
-    p.add_argument("--priority", type=int, help="kopf peering priority")
+    p.add_argument("--lease-name", help="the Lease's name (default terrace-operator)")
+    p.add_argument("--lease-namespace", help="the Lease's namespace (default $POD_NAMESPACE)")
+    p.add_argument("--prometheus-url", help="Prometheus for the control tick (default: none)")
     p.add_argument("--workers", type=int, help="reconciles in parallel")
     p.add_argument("--runtime-image", help="image for terrace-runtime pods")
     p.add_argument("--router-image", help="image for terrace-router pods")
@@ -111,12 +124,9 @@ def has_change_handlers(registry: kopf.OperatorRegistry) -> bool:
 
 def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     ks = kopf.OperatorSettings()
-    if settings.peering_name:
-        ks.peering.name = settings.peering_name
-        ks.peering.mandatory = True
-        ks.peering.priority = settings.priority
-    else:
-        ks.peering.standalone = True
+    # kopf only watches (handlers.py); who acts is decided by the Lease
+    # (leader.py), so kopf's own peering is off.
+    ks.peering.standalone = True
     ks.peering.clusterwide = settings.clusterwide
     # The controller posts its own Events; kopf's per-handler log events would
     # only repeat them (and need their own RBAC).
@@ -129,28 +139,74 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     return ks
 
 
-async def run(settings: OperatorSettings, control_settings: control.ControlSettings) -> None:
+async def run(settings: OperatorSettings, configuration: Any = None) -> int:
+    """Watch with kopf, act with the two controllers; 1 if leadership was lost."""
     ks = kopf_settings(settings)
 
-    def relogin() -> Credentials | None:
-        info = handlers.login(settings=ks, logger=log)
-        return Credentials.from_kopf(info) if info else None
-
-    client = KubeClient(MANAGER, timeout=settings.request_timeout_seconds, relogin=relogin)
+    client = KubeClient(MANAGER, settings.request_timeout_seconds, configuration)
     metrics = Metrics()
     if settings.metrics_port is not None:
         port = metrics.serve(settings.metrics_host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
-    controller = Controller(settings, client, metrics)
+    prometheus = None
+    if settings.prometheus_url:
+        prometheus = PrometheusClient(settings.prometheus_url, settings.prometheus_timeout_seconds)
+    else:
+        log.warning(
+            "no Prometheus URL (TERRACE_PROMETHEUS_URL): the control tick only "
+            "reports MetricsAvailable=False and holds replicas"
+        )
+    cache = Cache()
+    tiers = ModelTierController(settings, client, cache, metrics, prometheus)
+    routers = TierRouterController(settings, client, cache, metrics)
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, controller)
-    # The scaling and power loop (control.py): a kopf timer per ModelTier
-    # sharing this process's API client and metrics registry.
-    control.register(registry, control_settings, client, metrics.registry)
+    handlers.register(registry, cache, tiers, routers)
     if not has_change_handlers(registry):
         ks.persistence.diffbase_storage = NoDiffBaseStorage()
 
-    workers = asyncio.create_task(controller.run(), name="terrace-reconcile")
+    stop = asyncio.Event()
+    leading = False
+    lost = False
+
+    async def lead() -> None:
+        nonlocal leading
+        leading = True
+        metrics.leader.set(1)
+        try:
+            await asyncio.gather(tiers.run(), routers.run())
+        finally:
+            leading = False
+            metrics.leader.set(0)
+
+    def lost_lease() -> None:
+        # A fresh process is the clean way back (client-go's controllers exit
+        # too): kopf stops, main returns 1, Kubernetes restarts the container.
+        nonlocal lost
+        log.error("lost the leader Lease; stopping")
+        lost = True
+        stop.set()
+
+    async def wake(namespace: str, name: str) -> tuple[int, str]:
+        if not leading:
+            return 503, "this operator replica is not the leader; retry"
+        return await tiers.wake(namespace, name)
+
+    wake_server = None
+    if settings.wake_port is not None:
+        wake_server = await serve_wake(wake, settings.wake_host, settings.wake_port)
+    if settings.leader_election:
+        elector = LeaderElector(
+            client,
+            settings.lease_namespace or os.environ.get("POD_NAMESPACE") or "default",
+            settings.lease_name,
+            lease_duration_seconds=settings.lease_duration_seconds,
+            renew_deadline_seconds=settings.renew_deadline_seconds,
+            retry_period_seconds=settings.retry_period_seconds,
+        )
+        log.info("electing a leader through Lease %s as %s", settings.lease_name, elector.identity)
+        acting = asyncio.create_task(elector.run(lead, lost_lease), name="terrace-leader")
+    else:
+        acting = asyncio.create_task(lead(), name="terrace-controllers")
     try:
         await kopf.operator(
             registry=registry,
@@ -158,22 +214,32 @@ async def run(settings: OperatorSettings, control_settings: control.ControlSetti
             clusterwide=settings.clusterwide,
             namespaces=settings.namespaces,
             liveness_endpoint=settings.liveness_endpoint,
-            standalone=not settings.peering_name,
-            memo=kopf.Memo(controller=controller, settings=settings),
+            standalone=True,
+            stop_flag=stop,
         )
     finally:
-        workers.cancel()
-        await asyncio.gather(workers, return_exceptions=True)
+        stop.set()
+        acting.cancel()
+        await asyncio.gather(acting, return_exceptions=True)
+        if wake_server is not None:
+            await wake_server.cleanup()
+        if prometheus is not None:
+            await prometheus.aclose()
         await client.close()
+    return 1 if lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = build_settings(args)
-        control_settings = control.ControlSettings()
     except ValueError as e:
         print(f"terrace-operator: invalid settings: {e}", file=sys.stderr)
+        return 2
+    try:
+        configuration = load_configuration()
+    except ConfigException as e:
+        print(f"terrace-operator: no Kubernetes credentials: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -188,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # kopf handles SIGINT/SIGTERM itself; a second Ctrl-C just ends quietly.
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(settings, control_settings))
+        return asyncio.run(run(settings, configuration))
     return 0
 
 

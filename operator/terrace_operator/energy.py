@@ -20,12 +20,14 @@ number a router that moves a request between tiers should compare.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from terrace_operator.prometheus import MetricsError, PrometheusClient, TierQueries
+from terrace_operator.prometheus import MetricsError
+from terrace_operator.signals import Signals
 
 Source = Literal["runtime", "gpu-agent", "cpu-model"]
 
@@ -79,33 +81,39 @@ def format_joules(value: float) -> str:
     return f"{value:.{digits}f}"
 
 
-async def _maybe(prom: PrometheusClient, query: str) -> float | None:
+def _maybe(read: Callable[[], float]) -> float | None:
     try:
-        return await prom.value(query)
+        return read()
     except MetricsError:
         return None
 
 
-async def measure_tier(
-    prom: PrometheusClient,
-    queries: TierQueries,
+def tier_energy(
+    signals: Signals,
+    namespace: str,
+    tier: str,
+    nodes: tuple[str, ...],
     device: str,
     cpu_model: CpuPowerModel | None = None,
 ) -> EnergyEstimate | None:
-    """One tier's energy per request over `queries.window`, or None if unknown."""
-    requests = await _maybe(prom, queries.runtime_requests())
+    """One tier's energy per request over the tick's window, or None if unknown."""
+
+    def tier_value(kind: str) -> Callable[[], float]:
+        return lambda: signals.tier(kind, namespace, tier)
+
+    requests = _maybe(tier_value("runtimeRequests"))
     if requests is None:
-        requests = await _maybe(prom, queries.router_requests())
+        requests = _maybe(tier_value("routerRequests"))
     if not requests:
         return None
-    tokens = await _maybe(prom, queries.runtime_tokens())
-    joules = await _maybe(prom, queries.runtime_energy_joules())
+    tokens = _maybe(tier_value("runtimeTokens"))
+    joules = _maybe(tier_value("runtimeEnergyJoules"))
     if joules is not None and joules > 0:
         return estimate(joules, requests, tokens, "runtime")
     if device == "gpu":
-        return estimate(await _maybe(prom, queries.gpu_energy_joules()), requests, tokens,
-                        "gpu-agent")
-    busy = await _maybe(prom, queries.runtime_busy_seconds())
+        gpu = _maybe(lambda: sum(signals.gpus("gpuEnergyJoules", namespace, tier, nodes)))
+        return estimate(gpu, requests, tokens, "gpu-agent")
+    busy = _maybe(tier_value("runtimeBusySeconds"))
     if busy is None:
         return None
     return estimate((cpu_model or CpuPowerModel()).joules(busy), requests, tokens, "cpu-model")
@@ -119,12 +127,14 @@ class EnergyMetrics:
         self.per_request = Gauge(
             "terrace_tier_energy_per_request_joules",
             "Energy per request over the control loop's window",
-            labels, registry=registry,
+            labels,
+            registry=registry,
         )
         self.per_token = Gauge(
             "terrace_tier_energy_per_token_joules",
             "Energy per generated token over the control loop's window",
-            labels, registry=registry,
+            labels,
+            registry=registry,
         )
 
     def record(self, namespace: str, tier: str, e: EnergyEstimate) -> None:

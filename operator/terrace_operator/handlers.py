@@ -1,4 +1,4 @@
-"""kopf handlers: thin. Watch events go to the controller's queue, nothing more.
+"""kopf handlers: thin. Watch events go to the cache and the controllers' queues.
 
 Only `@kopf.on.event` handlers are used: they neither retry nor store progress
 annotations nor add finalizers on the watched objects, so kopf writes nothing
@@ -13,9 +13,12 @@ from typing import Any
 
 import kopf
 
+from . import children as ch
 from .api import GROUP, VERSION
+from .cache import CHILD_KINDS, OWNER_KINDS, Cache, Key
+from .conditions import get_condition
 from .controller import Controller
-from .kube import Credentials
+from .workqueue import WorkQueue
 
 # (group, version, plural, kind) of everything the operator watches.
 WATCHED = [
@@ -38,22 +41,21 @@ def login(settings: kopf.OperatorSettings, logger: Any, **kwargs: Any) -> Any:
     return info
 
 
-def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+def register(
+    registry: kopf.OperatorRegistry, cache: Cache, tiers: Controller, routers: Controller
+) -> None:
     """Attach the operator's handlers to `registry` (no global state)."""
+    kopf.on.login(registry=registry)(login)
 
-    @kopf.on.login(registry=registry)
-    def _login(settings: kopf.OperatorSettings, logger: Any, **kwargs: Any) -> Any:
-        info = login(settings=settings, logger=logger, **kwargs)
-        controller.client.configure(Credentials.from_kopf(info))
-        return info
-
+    queues = {"ModelTier": tiers.queue, "TierRouter": routers.queue}
     for group, version, plural, kind in WATCHED:
-        _watch(registry, controller, group, version, plural, kind)
+        _watch(registry, cache, queues, group, version, plural, kind)
 
 
 def _watch(
     registry: kopf.OperatorRegistry,
-    controller: Controller,
+    cache: Cache,
+    queues: dict[str, WorkQueue],
     group: str,
     version: str,
     plural: str,
@@ -64,6 +66,63 @@ def _watch(
         obj = event.get("object")
         if not isinstance(obj, dict):
             return
-        controller.observe(kind, obj, deleted=event.get("type") == "DELETED")
+        for key in observe(cache, kind, obj, deleted=event.get("type") == "DELETED"):
+            queues[key.kind].add(key)
 
     kopf.on.event(group, version, plural, id=f"observe-{plural}", registry=registry)(handler)
+
+
+def _identity(obj: dict) -> tuple:
+    """What a change of an owner must touch to matter to its own controller:
+    not its status (which that controller writes itself)."""
+    meta = obj.get("metadata") or {}
+    return (
+        meta.get("uid"),
+        meta.get("generation"),
+        meta.get("deletionTimestamp"),
+        meta.get("labels"),
+        meta.get("annotations"),
+    )
+
+
+def _tier_face(obj: dict) -> tuple:
+    """What a router's table and status read from a ModelTier: its spec
+    (by generation) and whether it is Ready."""
+    ready = get_condition((obj.get("status") or {}).get("conditions"), "Ready") or {}
+    return (*_identity(obj)[:3], ready.get("status"))
+
+
+def observe(cache: Cache, kind: str, obj: dict, deleted: bool) -> list[Key]:
+    """Record one watch event in the cache; return the keys it makes stale.
+
+    A child queues its controlling owner (and its previous one, if the
+    reference was edited away). An owner queues itself unless only its
+    status moved, which its own controller wrote; a ModelTier also queues
+    the TierRouters naming it when its spec or readiness changed.
+    """
+    key = Key.of(obj, kind)
+    if kind in CHILD_KINDS:
+        owner = ch.controller_of(obj)
+        previous = cache.pop(key) if deleted or owner is None else cache.put(key, obj)
+        stale = []
+        for source in (obj, previous):
+            ref = ch.controller_of(source) if source else None
+            if ref and ref[0] in OWNER_KINDS:
+                stale.append(Key(ref[0], key.namespace, ref[1]))
+        return list(dict.fromkeys(stale))
+
+    if deleted:
+        cache.pop(key)
+    else:
+        cache.put(key, obj)
+    summary = None if deleted else (_identity(obj), _tier_face(obj))
+    before = cache.watched(key, summary)
+    now = summary or ((), ())
+    before = before or ((), ())
+    stale = []
+    if deleted or before[0] != now[0]:
+        stale.append(key)
+    if kind == "ModelTier" and before[1] != now[1]:
+        # Routers naming this tier re-render their table (appeared, gone, changed).
+        stale += cache.routers_naming(key.namespace, key.name)
+    return stale

@@ -1,30 +1,40 @@
-"""A small async Kubernetes API client: get, server-side apply, events.
+"""The operator's one way to the Kubernetes API: the `Kube` interface, and
+`KubeClient`, its implementation on the official `kubernetes` client.
 
-kopf watches; this client writes. It is one shared httpx.AsyncClient per
-process, configured from the same credentials kopf logs in with (kopf's
-login handlers), and re-reads them when the apiserver answers 401 (rotated
-service-account tokens).
+kopf watches; everything the operator writes or reads outside the watch
+(server-side apply, merge patches, Events, the leader Lease, a tier's pods,
+a Node's annotations) goes through `Kube`. The controllers take any `Kube`,
+so their unit tests pass a recording fake; the real one runs against the real
+API server in tests/integration.
+
+Why the official client: it is the library the power agent and the dev
+tools already use, so the project has one Kubernetes library; it loads
+credentials the way kopf does (in-cluster service account, then
+`$KUBECONFIG` / `~/.kube/config`), and refreshes a rotated service-account
+token by itself. Its calls block, so `KubeClient` runs them on a small
+thread pool of its own (urllib3 keeps one connection per thread) and parses
+the JSON itself: the operator works on plain dicts, never on the client's
+generated model classes, which also keeps fields of newer API versions that
+the models do not know.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import os
 import socket
-import ssl
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
 
-import httpx
+import urllib3
+from kubernetes import client, config
 
 log = logging.getLogger(__name__)
 
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
+MERGE_CONTENT_TYPE = "application/merge-patch+json"
 
 # kind -> (API prefix, plural). Only what the operator touches.
 RESOURCES: dict[str, tuple[str, str]] = {
@@ -63,149 +73,28 @@ class ApiError(Exception):
         return self.status in (409, 429) or self.status >= 500
 
 
-@dataclass(frozen=True)
-class Credentials:
-    """Where and how to reach the apiserver (mirrors kopf's ConnectionInfo)."""
+class Kube(Protocol):
+    """What the operator asks of the API server. Objects are plain dicts;
+    every method raises `ApiError` for an answer other than 2xx (and 404
+    where it returns None), `OSError` when the server cannot be reached."""
 
-    server: str
-    ca_path: str | None = None
-    ca_data: str | None = None  # PEM text
-    insecure: bool = False
-    token: str | None = None
-    scheme: str | None = None
-    cert_path: str | None = None
-    key_path: str | None = None
+    field_manager: str
 
-    @classmethod
-    def from_kopf(cls, info: Any) -> Credentials:
-        """Translate kopf's ConnectionInfo (data fields are base64, paths are paths)."""
-
-        def pem(data: str | bytes | None) -> str | None:
-            if data is None:
-                return None
-            raw = data if isinstance(data, bytes) else data.encode()
-            try:
-                decoded = base64.b64decode(raw, validate=True)
-            except ValueError:
-                decoded = raw  # already PEM
-            return decoded.decode()
-
-        cert_path = _path(info.certificate_path)
-        key_path = _path(info.private_key_path)
-        # ssl wants files for client certificates; kubeconfigs often inline them.
-        if info.certificate_data:
-            cert_path = _private_file("cert", pem(info.certificate_data) or "")
-        if info.private_key_data:
-            key_path = _private_file("key", pem(info.private_key_data) or "")
-        return cls(
-            server=info.server,
-            ca_path=_path(info.ca_path),
-            ca_data=pem(info.ca_data),
-            insecure=bool(info.insecure),
-            token=info.token,
-            scheme=info.scheme,
-            cert_path=cert_path,
-            key_path=key_path,
-        )
-
-
-def _path(p: Any) -> str | None:
-    return os.fsdecode(p) if p else None
-
-
-def _private_file(kind: str, content: str) -> str:
-    fd, path = tempfile.mkstemp(prefix=f"terrace-operator-{kind}-", suffix=".pem")
-    with os.fdopen(fd, "w") as f:
-        f.write(content)
-    return path
-
-
-def _ssl_context(c: Credentials) -> ssl.SSLContext | bool:
-    if c.insecure:
-        return False
-    ctx = ssl.create_default_context(cafile=c.ca_path, cadata=c.ca_data)
-    if c.cert_path:
-        ctx.load_cert_chain(c.cert_path, c.key_path)
-    return ctx
-
-
-class KubeClient:
-    """Async apiserver access for the reconcile: one pooled client per process."""
-
-    def __init__(
+    async def request(
         self,
-        field_manager: str,
-        timeout: float = 30.0,
-        relogin: Callable[[], Any] | None = None,
-    ) -> None:
-        self.field_manager = field_manager
-        self.timeout = timeout
-        self._relogin = relogin
-        self._client: httpx.AsyncClient | None = None
-        self._ready = asyncio.Event()
-        self._lock = asyncio.Lock()
-
-    def configure(self, creds: Credentials) -> None:
-        """Use these credentials from now on (called from kopf's login handler)."""
-        old = self._client
-        headers = {"Accept": "application/json", "User-Agent": "terrace-operator"}
-        if creds.token:
-            headers["Authorization"] = f"{creds.scheme or 'Bearer'} {creds.token}"
-        self._client = httpx.AsyncClient(
-            base_url=creds.server,
-            verify=_ssl_context(creds),
-            headers=headers,
-            timeout=self.timeout,
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
-        )
-        self._ready.set()
-        if old is not None:
-            # Requests in flight keep the old client; close it once they are done.
-            asyncio.get_running_loop().call_later(60, lambda: asyncio.ensure_future(old.aclose()))
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        await self._ready.wait()
-        assert self._client is not None
-        response = await self._client.request(method, path, **kwargs)
-        if response.status_code == 401 and self._relogin is not None:
-            # Tokens rotate; fetch fresh credentials once and retry this call.
-            async with self._lock:
-                creds = await asyncio.to_thread(self._relogin)
-                if creds is not None:
-                    self.configure(creds)
-            response = await self._client.request(method, path, **kwargs)
-        return response
-
-    @staticmethod
-    def _raise(response: httpx.Response) -> None:
-        if response.is_success:
-            return
-        try:
-            body = response.json()
-            reason, message = body.get("reason", ""), body.get("message", response.text)
-        except ValueError:
-            reason, message = response.reason_phrase, response.text
-        raise ApiError(response.status_code, reason or response.reason_phrase, message)
-
-    async def request(self, method: str, path: str, **kwargs: Any) -> dict | None:
-        """Any API call by path: the JSON answer, None for 404, ApiError otherwise."""
-        response = await self._request(method, path, **kwargs)
-        if response.status_code == 404:
-            return None
-        self._raise(response)
-        return response.json()
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        content_type: str = "application/json",
+    ) -> dict | None:
+        """Any call by path: the JSON answer; None for 404."""
+        ...
 
     async def get(self, kind: str, namespace: str, name: str) -> dict | None:
-        """The object, or None when it does not exist."""
-        response = await self._request("GET", path_for(kind, namespace, name))
-        if response.status_code == 404:
-            return None
-        self._raise(response)
-        return response.json()
+        """The object of a kind in `RESOURCES`; None when it does not exist."""
+        ...
 
     async def apply(
         self,
@@ -215,35 +104,131 @@ class KubeClient:
         manager: str | None = None,
         force: bool = True,
     ) -> dict:
-        """Server-side apply `obj` (its apiVersion/kind/metadata name and namespace).
+        """Server-side apply of `obj`; the object as the server now has it."""
+        ...
 
-        force=True takes fields back from other managers (hand edits), which
-        is what drift correction means. A metadata.resourceVersion in `obj`
-        is a precondition: the apply fails with 409 if the object moved on.
-        """
-        meta = obj["metadata"]
-        response = await self._request(
-            "PATCH",
-            path_for(obj["kind"], meta["namespace"], meta["name"], subresource),
-            params={"fieldManager": manager or self.field_manager, "force": str(force).lower()},
-            content=json.dumps(obj),
-            headers={"Content-Type": APPLY_CONTENT_TYPE},
-        )
-        self._raise(response)
-        return response.json()
+    async def merge_patch(self, path: str, patch: dict) -> dict | None:
+        """A JSON merge patch (RFC 7386) by path; None for 404."""
+        ...
 
     async def event(
-        self,
-        involved: dict,
-        reason: str,
-        message: str,
-        type: str = "Normal",
-        *,
-        now: str,
+        self, involved: dict, reason: str, message: str, type: str = "Normal", *, now: str
     ) -> None:
-        """Record a Kubernetes Event about `involved`; failures are only logged."""
+        """Record an Event about `involved`; a failure is logged, never raised."""
+        ...
+
+
+def load_configuration() -> client.Configuration:
+    """In-cluster service account first, then `$KUBECONFIG` / ~/.kube/config
+    (kopf's order). ConfigException when there is neither."""
+    cfg = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=cfg)
+    return cfg
+
+
+class KubeClient:
+    """`Kube` on the official client: one connection pool and one small
+    thread pool per process; close it on shutdown."""
+
+    def __init__(
+        self,
+        field_manager: str,
+        timeout: float = 30.0,
+        configuration: client.Configuration | None = None,
+        threads: int = 16,
+    ) -> None:
+        self.field_manager = field_manager
+        self.timeout = timeout
+        cfg = configuration or load_configuration()
+        cfg.connection_pool_maxsize = threads
+        self._api = client.ApiClient(cfg)
+        self._api.user_agent = f"terrace.dev/{field_manager}"
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kube")
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._api.close()
+
+    def _call(
+        self, method: str, path: str, params: Mapping[str, str] | None, body: Any, ctype: str
+    ) -> dict | None:
+        api = self._api
+        _, url, headers, serialized, _ = api.param_serialize(
+            method,
+            path,
+            query_params=list((params or {}).items()),
+            header_params={"Accept": "application/json", "Content-Type": ctype},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = api.call_api(
+                method, url, header_params=headers, body=serialized, _request_timeout=self.timeout
+            )
+            data = response.read()
+        except urllib3.exceptions.HTTPError as e:  # refused, reset, timed out
+            raise ConnectionError(f"{method} {path}: {e}") from e
+        if response.status == 404:
+            return None
+        if not 200 <= response.status < 300:
+            raise _error(response.status, response.reason, data)
+        return json.loads(data) if data else {}
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        content_type: str = "application/json",
+    ) -> dict | None:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, self._call, method, path, params, json, content_type
+        )
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict | None:
+        return await self.request("GET", path_for(kind, namespace, name))
+
+    async def apply(
+        self,
+        obj: dict,
+        *,
+        subresource: str | None = None,
+        manager: str | None = None,
+        force: bool = True,
+    ) -> dict:
+        """force=True takes fields back from other managers (hand edits), which
+        is what drift correction means. A metadata.resourceVersion in `obj`
+        is a precondition: the apply fails with 409 if the object moved on."""
+        meta = obj["metadata"]
+        path = path_for(obj["kind"], meta["namespace"], meta["name"], subresource)
+        params = {"fieldManager": manager or self.field_manager, "force": str(force).lower()}
+        out = await self.request(
+            "PATCH", path, params=params, json=obj, content_type=APPLY_CONTENT_TYPE
+        )
+        if out is None:
+            raise ApiError(404, "NotFound", f"{path} does not exist")
+        return out
+
+    async def merge_patch(self, path: str, patch: dict) -> dict | None:
+        return await self.request(
+            "PATCH",
+            path,
+            params={"fieldManager": self.field_manager},
+            json=patch,
+            content_type=MERGE_CONTENT_TYPE,
+        )
+
+    async def event(
+        self, involved: dict, reason: str, message: str, type: str = "Normal", *, now: str
+    ) -> None:
         meta = involved["metadata"]
-        event = {
+        body = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
@@ -265,14 +250,20 @@ class KubeClient:
             "count": 1,
         }
         try:
-            response = await self._request(
-                "POST",
-                path_for("Event", meta["namespace"]),
-                content=json.dumps(event),
-                headers={"Content-Type": "application/json"},
-            )
-            self._raise(response)
-        except (ApiError, httpx.HTTPError) as e:
+            await self.request("POST", path_for("Event", meta["namespace"]), json=body)
+        except (ApiError, OSError) as e:
             log.warning(
                 "could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e
             )
+
+
+def _error(status: int, phrase: str | None, data: bytes | None) -> ApiError:
+    """An ApiError from a non-2xx answer, with the Status object's reason and message."""
+    text = (data or b"").decode("utf-8", "replace")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return ApiError(status, body.get("reason") or phrase or "", body.get("message") or text)
+    return ApiError(status, phrase or "", text)

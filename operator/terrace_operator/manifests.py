@@ -11,16 +11,24 @@ from importlib.resources import files
 import yaml
 
 PLACEHOLDER_NAMESPACE = "terrace-system"
-RBAC_FILES = ("serviceaccount.yaml", "clusterrole.yaml", "clusterrolebinding.yaml")
+RBAC_FILES = (
+    "serviceaccount.yaml",
+    "clusterrole.yaml",
+    "clusterrolebinding.yaml",
+    "role.yaml",
+    "rolebinding.yaml",
+)
+NAMESPACED = ("ServiceAccount", "Role", "RoleBinding")
 
 
 def rbac(namespace: str = PLACEHOLDER_NAMESPACE) -> list[dict]:
-    """ServiceAccount, ClusterRole and ClusterRoleBinding for `namespace`."""
+    """ServiceAccount, ClusterRole and ClusterRoleBinding for `namespace`,
+    and the Role and RoleBinding of its leader-election Lease there."""
     docs = []
     folder = files("terrace_operator") / "rbac"
     for name in RBAC_FILES:
         doc = yaml.safe_load((folder / name).read_text())
-        if doc["kind"] == "ServiceAccount":
+        if doc["kind"] in NAMESPACED:
             doc["metadata"]["namespace"] = namespace
         for subject in doc.get("subjects", []):
             subject["namespace"] = namespace

@@ -47,7 +47,7 @@ Policy = Literal["adaptive", "fixed", "off"]
 
 
 @dataclass(frozen=True)
-class PowerWindow:
+class CapWindow:
     """A time-of-day cap (the CRD's ``spec.power.windows[]``).
 
     Without a duration the window is open during every minute the cron
@@ -101,7 +101,7 @@ class PowerPolicy:
     policy: Policy = "adaptive"
     min_watts: int | None = None
     max_watts: int | None = None
-    windows: tuple[PowerWindow, ...] = ()
+    windows: tuple[CapWindow, ...] = ()
     # Controller tuning: documented defaults, overridable for tests.
     low_utilization: float = 0.5
     high_utilization: float = 0.85

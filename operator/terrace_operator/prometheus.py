@@ -14,8 +14,8 @@ bad answer is ever mistaken for "zero load"):
 
 All of them derive from `MetricsError`.
 
-Queries for the per-tier signals live in `TierQueries`; the label names used
-to select a tier are parameters, because scrape configurations differ.
+The queries the control loop sends, one per metric kind for every tier at
+once, live in signals.py.
 """
 
 from __future__ import annotations
@@ -160,106 +160,3 @@ class PrometheusClient:
 
     async def value(self, promql: str) -> float:
         return single_value(await self.query(promql), promql)
-
-
-def _quote(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def selector(labels: Mapping[str, str], regex: Mapping[str, str] | None = None) -> str:
-    parts = [f'{k}="{_quote(v)}"' for k, v in labels.items()]
-    parts += [f'{k}=~"{_quote(v)}"' for k, v in (regex or {}).items()]
-    return "{" + ",".join(parts) + "}"
-
-
-@dataclass(frozen=True)
-class TierQueries:
-    """The built-in PromQL for one tier.
-
-    Router series carry ``tier``; runtime series carry ``tier`` and
-    ``namespace`` (added by the scrape config); GPU series come from the
-    power agent (``node`` label) or from DCGM-exporter (``namespace``/``pod``).
-    """
-
-    namespace: str
-    tier: str
-    window: str = "1m"
-    gpu_source: str = "agent"  # agent | dcgm
-    nodes: tuple[str, ...] = ()
-
-    @property
-    def _router(self) -> str:
-        return selector({"tier": self.tier})
-
-    @property
-    def _runtime(self) -> str:
-        return selector({"namespace": self.namespace, "tier": self.tier})
-
-    def _gpu(self) -> str:
-        if self.gpu_source == "dcgm":
-            return selector({"namespace": self.namespace}, {"pod": f"{self.tier}-.*"})
-        node_re = "|".join(self.nodes) if self.nodes else "^$"
-        return selector({}, {"node": node_re})
-
-    def inflight(self) -> str:
-        return f"sum(terrace_router_inflight{self._router})"
-
-    def demand(self) -> str:
-        """Requests per second whose routing decision chose this tier first,
-        whichever tier served them: the demand that wakes a tier at zero."""
-        return f"sum(rate(terrace_router_demand_total{self._router}[{self.window}]))"
-
-    def rps(self) -> str:
-        return f"sum(rate(terrace_router_requests_total{self._router}[{self.window}]))"
-
-    def latency_p95_ms(self) -> str:
-        return (
-            "histogram_quantile(0.95, sum by (le) (rate("
-            f"terrace_router_request_duration_seconds_bucket{self._router}[{self.window}]))) * 1000"
-        )
-
-    def gpu_utilization_percent(self) -> str:
-        if self.gpu_source == "dcgm":
-            return f"avg(DCGM_FI_DEV_GPU_UTIL{self._gpu()})"
-        return f"avg(terrace_gpu_utilization_ratio{self._gpu()}) * 100"
-
-    def gpu_power_watts(self) -> str:
-        if self.gpu_source == "dcgm":
-            return f"sum(DCGM_FI_DEV_POWER_USAGE{self._gpu()})"
-        return f"sum(terrace_gpu_power_watts{self._gpu()})"
-
-    def for_metric(self, metric: str, custom: str | None = None) -> str:
-        if metric == "inflight":
-            return self.inflight()
-        if metric == "rps":
-            return self.rps()
-        if metric == "latencyP95":
-            return self.latency_p95_ms()
-        if metric == "gpuUtilization":
-            return self.gpu_utilization_percent()
-        if metric == "custom":
-            if not custom or not custom.strip():
-                raise QueryError("scaling.metric is custom but scaling.query is empty")
-            return custom
-        raise QueryError(f"unknown scaling metric {metric!r}")
-
-    # Energy accounting: every counter over the same window.
-    def gpu_energy_joules(self) -> str:
-        return f"sum(increase(terrace_gpu_energy_joules_total{self._gpu()}[{self.window}]))"
-
-    def runtime_energy_joules(self) -> str:
-        return f"sum(increase(terrace_runtime_energy_joules_total{self._runtime}[{self.window}]))"
-
-    def runtime_requests(self) -> str:
-        return f"sum(increase(terrace_runtime_requests_total{self._runtime}[{self.window}]))"
-
-    def router_requests(self) -> str:
-        return f"sum(increase(terrace_router_requests_total{self._router}[{self.window}]))"
-
-    def runtime_tokens(self) -> str:
-        return (
-            f"sum(increase(terrace_runtime_tokens_generated_total{self._runtime}[{self.window}]))"
-        )
-
-    def runtime_busy_seconds(self) -> str:
-        return f"sum(increase(terrace_runtime_busy_seconds_total{self._runtime}[{self.window}]))"

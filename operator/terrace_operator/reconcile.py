@@ -234,15 +234,20 @@ def _own_conditions(
 
 
 def status_differs(desired: dict, current: dict | None) -> bool:
-    """Whether writing `desired` (a partial status) would change `current`.
+    """Whether writing `desired` (the writer's whole status) would change `current`.
 
     Conditions are compared by type, ignoring lastTransitionTime (which
-    set_condition already carried over when nothing flipped).
+    set_condition already carried over when nothing flipped); a field or a
+    condition `current` has and `desired` drops is a change too.
     """
     current = current or {}
+    if set(current) - set(desired):
+        return True
     for key, value in desired.items():
         if key == "conditions":
             have = {c.get("type"): c for c in current.get("conditions") or []}
+            if set(have) - {c["type"] for c in value}:
+                return True
             for c in value:
                 h = have.get(c["type"])
                 if h is None or any(

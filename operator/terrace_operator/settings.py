@@ -8,10 +8,12 @@ is comma-separated.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .agent.protocol import DEFAULT_TTL_SECONDS
 
 DEFAULT_IMAGE = "ghcr.io/terrace-dev/terrace:0.1.0"
 
@@ -32,16 +34,36 @@ class OperatorSettings(BaseSettings):
         default=8080, ge=0, le=65535, description="Prometheus /metrics port; unset disables it."
     )
 
-    # kopf peering. With one operator replica and `strategy: Recreate` (the
-    # chart's Deployment) two operators never overlap, so kopf's docs advise
-    # --standalone: no peering objects, no extra RBAC. Name a peering object
-    # to run several replicas with priorities instead.
-    peering_name: str | None = None
-    priority: int = 0
+    # High availability: replicas elect one leader through a Lease
+    # (coordination.k8s.io) in `lease_namespace`; only the leader acts.
+    leader_election: bool = Field(
+        default=False, description="Elect a leader through a Lease before acting."
+    )
+    lease_name: str = "terrace-operator"
+    lease_namespace: str | None = Field(
+        default=None, description="Where the Lease lives; default: $POD_NAMESPACE or default."
+    )
+    lease_duration_seconds: float = Field(default=15.0, gt=0)
+    renew_deadline_seconds: float = Field(default=10.0, gt=0)
+    retry_period_seconds: float = Field(default=2.0, gt=0)
 
-    # How routers reach this operator's wake endpoint (control.ControlSettings
-    # serves it on TERRACE_WAKE_PORT), e.g. http://terrace-operator.NS.svc:8082;
-    # None: routers do not wake sleeping tiers, they wait for the next tick.
+    # The control tick (tiers.py): Prometheus in, replicas and watts out.
+    prometheus_url: str | None = Field(
+        default=None, description="No URL: the tick only reports MetricsAvailable=False."
+    )
+    control_interval_seconds: float = Field(default=15.0, gt=0)
+    prometheus_timeout_seconds: float = Field(default=5.0, gt=0)
+    metrics_window: str = Field(default="1m", pattern=r"^[0-9]+(ms|s|m|h)$")
+    gpu_metrics_source: Literal["agent", "dcgm"] = "agent"
+    cpu_watts_per_busy_core: float = Field(default=350.0 / 56, gt=0)
+    power_desired_ttl_seconds: float = Field(default=DEFAULT_TTL_SECONDS, gt=0)
+
+    # The wake endpoint (wake.py), where routers wake a tier at zero
+    # (POST /wake/NAMESPACE/TIER); no port: off.
+    wake_host: str = "0.0.0.0"
+    wake_port: int | None = Field(default=None, ge=0, le=65535)
+    # How routers reach it, e.g. http://terrace-operator.NS.svc:8082; None:
+    # routers do not wake sleeping tiers, they wait for the next tick.
     wake_url: str | None = None
 
     runtime_image: str = DEFAULT_IMAGE
@@ -72,7 +94,7 @@ class OperatorSettings(BaseSettings):
             return [n.strip() for n in value.split(",") if n.strip()]
         return value
 
-    @field_validator("liveness_endpoint", mode="before")
+    @field_validator("liveness_endpoint", "prometheus_url", "lease_namespace", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -3,7 +3,7 @@ holds a request for a tier at zero replicas asks the operator to bring it
 up now, instead of after Prometheus's next scrape and the control loop's
 next tick (KEDA's HTTP add-on and KServe's activator do the same).
 
-Only the HTTP part is here; what waking means is `control.Controller.wake`.
+Only the HTTP part is here; what waking means is `tiers.ModelTierController.wake`.
 Served on TERRACE_WAKE_PORT (off when unset) in the operator's own event
 loop, with aiohttp's server (aiohttp already comes with kopf).
 """

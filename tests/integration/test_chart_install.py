@@ -145,7 +145,7 @@ def test_install_upgrade_uninstall_leave_nothing_behind(cluster) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [["--set", "operator.replicas=2"], ["--set-string", "agent.fakeGpus=1"]]
+    "bad", [["--set", "operator.replicas=0"], ["--set-string", "agent.fakeGpus=1"]]
 )
 def test_install_refuses_bad_values(cluster, bad: list[str]) -> None:
     out = helm(

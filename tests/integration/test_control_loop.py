@@ -64,7 +64,8 @@ WINDOW = "10s"
 WATTS_PER_CORE = 8.0  # the operator's CPU power model, set explicitly so the check can see it
 AGENT_RBAC = ROOT / "operator/terrace_operator/agent/rbac.yaml"
 # One tier per test; the router's table lists them all.
-TIERS = ("up", "down", "hold", "external", "restart", "power", "capped", "gone", "cpu-energy")
+TIERS = ("up", "down", "hold", "external", "restart", "power", "capped", "gone", "cpu-energy",
+         "outage-gpu", "outage-zero")  # fmt: skip
 
 
 # ------------------------------------------------------------------ upstreams
@@ -620,6 +621,52 @@ def test_power_limit_down_when_idle_up_when_latency_nears_its_target(
                           "involvedObject.name=power,reason=PowerLimitChanged")  # fmt: skip
     raised = [e["message"] for e in events["items"] if "raise to max" in e["message"]]
     assert raised and "of 1000 ms" in raised[-1], [e["message"] for e in events["items"]]
+
+
+def test_an_outage_never_lowers_replicas_or_watts_and_the_loop_resumes(
+    cluster, env, make_tier, operator, agent
+):
+    """Prometheus down for more than two ticks: a tier at zero is held at
+    `metricsUnavailableReplicas` (1, never 0), an idle GPU tier's cap, on
+    its way down, stays where it was (missing data is not low load); both
+    carry on when Prometheus is back."""
+    make_tier("outage-zero", min_=0, max_=2, down_window=0)
+    # A 100 W span walks down in 10 W steps: several ticks to go.
+    make_tier("outage-gpu", device="gpu", max_=1,
+              power={"policy": "adaptive", "minWatts": 200, "maxWatts": 300})  # fmt: skip
+
+    def desired() -> int | None:
+        return tier_obj(cluster, "outage-gpu")["status"].get("desiredPowerLimitWatts")
+
+    wait_for(lambda: (w := desired()) is not None and w < 300, 60,
+             what="the idle GPU's cap on its way down")  # fmt: skip
+    assert replicas(cluster, "outage-zero") == 0
+    cluster.stop_prometheus()
+    try:
+        for tier in ("outage-gpu", "outage-zero"):
+            wait_for(lambda t=tier: condition(tier_obj(cluster, t), "MetricsAvailable")
+                     .get("status") == "False", 30, what=f"{tier} MetricsAvailable=False")  # fmt: skip
+        held = desired()
+        assert held is not None and held > 200, "still above minWatts when the outage began"
+        wait_for(lambda: replicas(cluster, "outage-zero") == 1, 30,
+                 what="the tier at zero held at metricsUnavailableReplicas=1")  # fmt: skip
+        holds_for_ticks(
+            operator, "outage-gpu", 3,
+            lambda: desired() == held and replicas(cluster, "outage-zero") == 1,
+            "cap and replicas held through the outage",
+        )  # fmt: skip
+        scaling = condition(tier_obj(cluster, "outage-zero"), "Scaling")
+        assert "metrics unavailable" in scaling["message"] or scaling["reason"] in (
+            "MetricsUnavailable", "WakingUp"
+        ), scaling  # fmt: skip
+    finally:
+        cluster.start_prometheus()
+    # Back: the metrics are read again, the cap resumes its walk down and
+    # the idle tier returns to zero.
+    wait_for(lambda: (w := desired()) is not None and w < held, 90,
+             what="the cap lowered again once metrics are back")  # fmt: skip
+    wait_for(lambda: replicas(cluster, "outage-zero") == 0, 90, what="the idle tier back at zero")
+    assert condition(tier_obj(cluster, "outage-gpu"), "MetricsAvailable")["status"] == "True"
 
 
 def test_killing_the_agent_restores_the_default_limit(cluster, make_tier, agent):

@@ -1,4 +1,5 @@
-"""Fixtures of the router's tests (the harness is router_harness.py)."""
+"""Shared fixtures: the router's stub tiers (the harness is router_harness.py)
+and a real Prometheus scraping an exposition the test fills (served.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import pytest
 from router_harness import KEY, ServerThread, StubControl, stub_app
+from served import Prom, scraped_prometheus
 
 
 @pytest.fixture
@@ -34,3 +36,17 @@ def stubs(servers: list[ServerThread]) -> dict[str, tuple[StubControl, str]]:
 def router_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     """The API keys the harness's routing tables name (`make_config`)."""
     monkeypatch.setenv("TERRACE_TEST_KEYS", f"other-key,{KEY}")
+
+
+@pytest.fixture(scope="module")
+def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
+    """One real Prometheus for the module, scraping an `Exposition`."""
+    with scraped_prometheus(tmp_path_factory.mktemp("prometheus"), "test") as prom:
+        yield prom
+
+
+@pytest.fixture
+def prom(scraped: Prom) -> Prom:
+    """The module's Prometheus, holding nothing from another test."""
+    scraped.forget()
+    return scraped

@@ -70,6 +70,7 @@ def test_chart_crds_are_identical_to_crds_folder(name: str) -> None:
     ("copy", "source"),
     [
         ("files/operator-clusterrole.yaml", "operator/terrace_operator/rbac/clusterrole.yaml"),
+        ("files/operator-role.yaml", "operator/terrace_operator/rbac/role.yaml"),
         ("files/agent-rbac.yaml", "operator/terrace_operator/agent/rbac.yaml"),
     ],
 )
@@ -139,7 +140,13 @@ def test_defaults_are_secure_and_agent_is_off() -> None:
     docs = render()
     assert not by_kind(docs, "DaemonSet")
     deploy = by_kind(docs, "Deployment")[0]
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    # One replica, with a Lease all the same: a rolling update hands it over.
+    assert deploy["spec"]["replicas"] == 1 and "strategy" not in deploy["spec"]
+    env = {
+        e["name"]: e.get("value")
+        for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["TERRACE_LEADER_ELECTION"] == "true"
     pod = deploy["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -171,6 +178,31 @@ def test_rendered_rbac_is_the_operators_rules() -> None:
     )
     source = yaml.safe_load((ROOT / "operator/terrace_operator/rbac/clusterrole.yaml").read_text())
     assert role["rules"] == source["rules"]
+    lease = next(d for d in by_kind(render(), "Role") if "leader-election" in d["metadata"]["name"])
+    source = yaml.safe_load((ROOT / "operator/terrace_operator/rbac/role.yaml").read_text())
+    assert lease["rules"] == source["rules"] and lease["metadata"]["namespace"]
+    binding = next(
+        d for d in by_kind(render(), "RoleBinding") if "leader-election" in d["metadata"]["name"]
+    )
+    assert binding["roleRef"]["name"] == lease["metadata"]["name"]
+
+
+def test_two_operator_replicas_elect_a_leader() -> None:
+    def operator(docs: list[dict]) -> dict:
+        return next(
+            d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-operator")
+        )
+
+    two = operator(render("--set", "operator.replicas=2"))
+    assert two["spec"]["replicas"] == 2 and "strategy" not in two["spec"]
+    env = {e["name"]: e for e in two["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TERRACE_LEADER_ELECTION"]["value"] == "true"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    out = helm(
+        "template", "t", str(CHART), "--set", "operator.replicas=2",
+        "--set", "operator.leaderElection=false", check=False,
+    )  # fmt: skip
+    assert out.returncode != 0 and "needs operator.leaderElection" in out.stderr
 
 
 @pytest.mark.parametrize(
@@ -178,6 +210,7 @@ def test_rendered_rbac_is_the_operators_rules() -> None:
     [
         (["--set-string", "operator.tickSeconds=15"], "tickSeconds"),
         (["--set", "operator.tickSeconds=0"], "tickSeconds"),
+        (["--set", "operator.replicas=0"], "replicas"),
         (["--set", "operator.bogus=1"], "bogus"),
         (["--set", "agent.fakeModel=h200x"], "fakeModel"),
         (["--set", "operator.prometheusUrl=prometheus:9090"], "prometheusUrl"),

@@ -1,5 +1,5 @@
 """Energy per request / per token: the arithmetic, the CPU model, and the
-source order measure_tier takes, its PromQL run by a real Prometheus over a
+source order tier_energy takes, its PromQL run by a real Prometheus over a
 real exposition of the runtime, agent and router counters (with decoys under
 other labels)."""
 
@@ -10,15 +10,16 @@ import math
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from served import Series, scraped_prometheus
+from served import Series
 from terrace_operator.energy import (
     CpuPowerModel,
     EnergyMetrics,
     estimate,
     format_joules,
-    measure_tier,
+    tier_energy,
 )
-from terrace_operator.prometheus import PrometheusClient, TierQueries
+from terrace_operator.prometheus import PrometheusClient
+from terrace_operator.signals import SignalQueries, read_signals
 
 
 def test_estimate_per_request_and_per_token():
@@ -47,7 +48,7 @@ def test_format_joules_three_significant_digits():
     assert format_joules(0) == "0"
 
 
-# The counters measure_tier reads for the tier demo/t on gpu-node, as
+# The counters tier_energy reads for the tier demo/t on gpu-node, as
 # `Exposition` series, and decoys under other labels: another tier, another
 # namespace, other nodes (one whose name starts with the tier's node name).
 def runtime(name: str, namespace: str = "demo", tier: str = "t") -> Series:
@@ -75,26 +76,11 @@ def decoys(name: str, value: float) -> dict[Series, float]:
 GPU_DECOYS = {gpu_energy("gpu-node-2"): 70_000.0, gpu_energy("cpu-node"): 9_000.0}
 
 
-@pytest.fixture(scope="module")
-def scraped(tmp_path_factory):
-    """One real Prometheus for the module, scraping an `Exposition`."""
-    with scraped_prometheus(tmp_path_factory.mktemp("prometheus"), "energy") as prom:
-        yield prom
-
-
-@pytest.fixture
-def prom(scraped):
-    """The module's Prometheus, holding nothing from another test."""
-    scraped.forget()
-    return scraped
-
-
 def measure(url, device):
     async def go():
         async with PrometheusClient(url) as c:
-            return await measure_tier(
-                c, TierQueries("demo", "t", nodes=("gpu-node",)), device, CpuPowerModel(5.0)
-            )
+            signals = await read_signals(c, SignalQueries())
+        return tier_energy(signals, "demo", "t", ("gpu-node",), device, CpuPowerModel(5.0))
 
     return asyncio.run(go())
 

@@ -317,3 +317,17 @@ def test_controller_of_reads_owner_references() -> None:
     assert ch.controller_of(foreign) is None
     foreign["metadata"].pop("ownerReferences")
     assert ch.controller_of(foreign) is None and not ch.is_controlled_by(foreign, "uid-1")
+
+
+def test_a_router_with_none_of_its_tiers_lists_exactly_the_named_ones() -> None:
+    """No ModelTier exists yet (or any more): the table names the router's
+    tiers at their future Services, never a tier the router no longer names."""
+    spec = TierRouterSpec.model_validate(
+        {"tiers": [{"name": "ghost"}, {"name": "later", "upstreamModel": "m"}]}
+    )
+    config = ch.render_router_config(spec, [], None, "demo")
+    assert [(t.name, t.endpoints, t.upstream_model) for t in config.tiers] == [
+        ("ghost", ["http://ghost.demo.svc:8080"], None),
+        ("later", ["http://later.demo.svc:8080"], "m"),
+    ]
+    assert all(t.wake_url is None and t.activation_timeout_seconds == 0 for t in config.tiers)

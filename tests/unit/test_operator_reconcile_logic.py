@@ -214,7 +214,12 @@ def test_own_conditions_only_are_written_and_times_carry_over() -> None:
     assert status["conditions"][0]["lastTransitionTime"] == T0
     current = {**status, "conditions": theirs}
     assert status_differs(status, current)  # observedGeneration of Ready moved to 2
-    assert not status_differs(status, {**status, "conditions": [theirs[0], *status["conditions"]]})
+    assert not status_differs(status, {**status})
+    # The controller writes the whole status: a condition or a field it no
+    # longer has (a tier turned from GPU to CPU loses PowerApplied and its
+    # watts) must go, so its absence is a change.
+    assert status_differs(status, {**status, "conditions": [theirs[0], *status["conditions"]]})
+    assert status_differs(status, {**status, "powerLimitWatts": 300})
 
 
 def test_missing_tier_is_named_in_the_reason() -> None:

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from terrace_operator.power import (
+    CapWindow,
     DeviceConstraints,
     PowerObservation,
     PowerPolicy,
     PowerState,
-    PowerWindow,
     decide_power,
     effective_bounds,
 )
@@ -101,7 +101,7 @@ def test_no_flapping_under_steady_signal():
 
 
 def test_window_caps_and_wins_over_min_watts():
-    w = PowerWindow("0 17-21 * * *", 400, duration_seconds=3600)
+    w = CapWindow("0 17-21 * * *", 400, duration_seconds=3600)
     p = adaptive(windows=(w,))
     evening = datetime(2025, 6, 2, 18, 30, tzinfo=UTC)
     d = decide_power(p, PowerState(700), obs(0.99, 900), evening, H100)
@@ -112,29 +112,29 @@ def test_window_caps_and_wins_over_min_watts():
     assert w.active(datetime(2025, 6, 2, 21, 59, tzinfo=UTC))
     assert not w.active(datetime(2025, 6, 2, 22, 0, tzinfo=UTC))
     # without a duration: open during every minute the expression matches
-    minutes = PowerWindow("* 17-21 * * *", 400)
+    minutes = CapWindow("* 17-21 * * *", 400)
     assert minutes.active(datetime(2025, 6, 2, 21, 59, 59, tzinfo=UTC))
     assert not minutes.active(datetime(2025, 6, 2, 22, 0, tzinfo=UTC))
-    assert not PowerWindow("0 17-21 * * *", 400).active(datetime(2025, 6, 2, 17, 1, tzinfo=UTC))
+    assert not CapWindow("0 17-21 * * *", 400).active(datetime(2025, 6, 2, 17, 1, tzinfo=UTC))
     # two windows: the lowest active one wins
-    two = adaptive(windows=(PowerWindow("* * * * *", 500), PowerWindow("* 12 * * *", 300)))
+    two = adaptive(windows=(CapWindow("* * * * *", 500), CapWindow("* 12 * * *", 300)))
     assert effective_bounds(two, H100, NOON)[1] == 300
     # a window below minWatts wins over minWatts but not over the device
-    low = adaptive(min_watts=300, windows=(PowerWindow("* * * * *", 250),))
+    low = adaptive(min_watts=300, windows=(CapWindow("* * * * *", 250),))
     assert effective_bounds(low, H100, NOON)[:2] == (250, 250)
-    lower = adaptive(windows=(PowerWindow("* * * * *", 50),))
+    lower = adaptive(windows=(CapWindow("* * * * *", 50),))
     assert effective_bounds(lower, H100, NOON)[:2] == (200, 200)
 
 
 def test_window_time_zone():
-    w = PowerWindow("0 17 * * *", 300, duration_seconds=3600, time_zone="Europe/Berlin")
+    w = CapWindow("0 17 * * *", 300, duration_seconds=3600, time_zone="Europe/Berlin")
     assert w.active(datetime(2025, 6, 2, 15, 30, tzinfo=UTC))  # 17:30 CEST
     assert not w.active(datetime(2025, 6, 2, 17, 30, tzinfo=UTC))
 
 
 def test_invalid_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="cron"):
-        PowerWindow("not a cron", 300)
+        CapWindow("not a cron", 300)
     with pytest.raises(ValueError, match="minWatts"):
         PowerPolicy("adaptive", 500, 400)
     with pytest.raises(ValueError, match="bounds unknown"):
@@ -174,7 +174,7 @@ def test_property_limit_always_inside_device_constraints(
     policy, spec_lo, spec_span, dev_lo, dev_span, last, util, p95, target, window_watts, minute
 ):
     device = DeviceConstraints(dev_lo, dev_lo + dev_span)
-    windows = (PowerWindow("* 17-21 * * *", window_watts),) if window_watts is not None else ()
+    windows = (CapWindow("* 17-21 * * *", window_watts),) if window_watts is not None else ()
     spec_hi = None if spec_lo is None else spec_lo + spec_span
     p = PowerPolicy(policy, spec_lo, spec_hi, windows)
     now = NOON + timedelta(minutes=minute)

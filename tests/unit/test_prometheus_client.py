@@ -25,8 +25,8 @@ from terrace_operator.prometheus import (
     PrometheusClient,
     PrometheusUnavailable,
     QueryError,
-    TierQueries,
 )
+from terrace_operator.signals import SignalQueries
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_real_prometheus_nan_and_inf(real_prometheus):
     with pytest.raises(BadValue, match="inf"):
         run(_value(real_prometheus, "vector(-1/0)"))
     # the built-in p95 over a histogram with no requests: empty, never 0
-    q = TierQueries("demo", "gpu").latency_p95_ms()
+    q = SignalQueries().grouped()["latencyP95"]
     with pytest.raises(NoData):
         run(_value(real_prometheus, q))
 
@@ -186,18 +186,13 @@ def test_connection_refused_is_unavailable():
         run(_value(url, "x"))
 
 
-def test_builtin_queries_per_metric():
-    q = TierQueries("demo", 'we"ird', window="30s", nodes=("gpu-node",))
-    assert q.for_metric("inflight") == 'sum(terrace_router_inflight{tier="we\\"ird"})'
-    assert "rate(terrace_router_requests_total" in q.for_metric("rps")
-    assert "[30s]" in q.for_metric("rps")
-    assert q.for_metric("latencyP95").startswith("histogram_quantile(0.95")
-    assert 'node=~"gpu-node"' in q.for_metric("gpuUtilization")
-    dcgm = TierQueries("demo", "big", gpu_source="dcgm")
-    want = 'avg(DCGM_FI_DEV_GPU_UTIL{namespace="demo",pod=~"big-.*"})'
-    assert dcgm.for_metric("gpuUtilization") == want
-    assert q.for_metric("custom", "sum(foo)") == "sum(foo)"
-    with pytest.raises(QueryError):
-        q.for_metric("custom", "")
-    with pytest.raises(QueryError):
-        q.for_metric("nonsense")
+def test_builtin_queries_are_grouped_by_tier_and_share_the_window():
+    q = SignalQueries(window="30s").grouped()
+    assert q["inflight"] == "sum by (namespace, tier) (terrace_router_inflight)"
+    assert "rate(terrace_router_requests_total[30s])" in q["rps"]
+    assert q["latencyP95"].startswith("histogram_quantile(0.95, sum by (namespace, tier, le)")
+    assert q["gpuUtilization"] == "terrace_gpu_utilization_ratio"
+    for kind, promql in q.items():
+        assert "[" not in promql or "[30s]" in promql, kind
+    dcgm = SignalQueries(gpu_source="dcgm").grouped()
+    assert dcgm["gpuUtilization"] == "DCGM_FI_DEV_GPU_UTIL / 100"
