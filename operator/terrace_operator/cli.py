@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     # kopf logs every watch event at DEBUG; keep that for --verbose only.
     logging.getLogger("kopf").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # kopf says "Handler ... succeeded" for every watch event: 13,000 lines
+    # for a thousand tiers starting up. Failures are still logged.
+    logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # One line per API request is only useful when debugging.
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     log.info(

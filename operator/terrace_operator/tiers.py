@@ -71,7 +71,8 @@ class ModelTierController(Controller):
         self.energy = EnergyMetrics(self.metrics.registry)
         self.memory: dict[Key, TierMemory] = {}
         self.signals: Signals | None = None
-        self.due: set[Key] = set()
+        self.due: set[Key] = set()  # tiers whose tick has not run yet
+        self.open: set[Key] = set()  # tiers of the current tick not tried yet
         self.woken: dict[Key, str] = {}
         self.invalid: dict[Key, int | None] = {}  # the spec generation found unreadable
         self._tick_started: float | None = None
@@ -95,6 +96,9 @@ class ModelTierController(Controller):
             await asyncio.sleep(delay)
 
     async def tick(self) -> None:
+        if self.open:  # the last tick is still running: it counts as taking the interval
+            self._tick_done()
+        started = asyncio.get_running_loop().time()
         keys = self.cache.keys(self.kind)
         custom = {}
         for key in keys:
@@ -109,14 +113,18 @@ class ModelTierController(Controller):
                 custom,
             )
             self.metrics.prometheus_queries.inc(self.signals.queries)
-        self._tick_started = asyncio.get_running_loop().time()
+        self._tick_started = started
         self.due = set(keys)
+        self.open = set(keys)
         for key in keys:
             self.queue.add(key)
         if not keys:
             self._tick_done()
 
     def _tick_done(self) -> None:
+        """Record how long the tick took, from reading Prometheus to the last
+        tier's first try (a tier whose sync failed retries outside it)."""
+        self.open = set()
         if self._tick_started is not None:
             elapsed = asyncio.get_running_loop().time() - self._tick_started
             self.metrics.control_tick_seconds.observe(elapsed)
@@ -125,6 +133,12 @@ class ModelTierController(Controller):
     # ----------------------------------------------------------------- sync
 
     async def sync(self, key: Key) -> None:
+        try:
+            await self._sync(key)
+        finally:
+            self._tried(key)  # succeeded or not: this tick's try of the tier is over
+
+    async def _sync(self, key: Key) -> None:
         body = self.cache.get(key.kind, key.namespace, key.name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             # Gone: the garbage collector removes the children; the power
@@ -188,9 +202,13 @@ class ModelTierController(Controller):
             raise failure
 
     def _ticked(self, key: Key) -> None:
-        if key in self.due:
-            self.due.discard(key)
-            if not self.due:
+        self.due.discard(key)
+        self._tried(key)
+
+    def _tried(self, key: Key) -> None:
+        if key in self.open:
+            self.open.discard(key)
+            if not self.open:
                 self._tick_done()
 
     def _status(

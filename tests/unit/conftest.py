@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from localpg import PostgresServer
 from router_harness import KEY, ServerThread, StubControl, stub_app
 from served import Prom, scraped_prometheus
 
@@ -50,3 +51,17 @@ def prom(scraped: Prom) -> Prom:
     """The module's Prometheus, holding nothing from another test."""
     scraped.forget()
     return scraped
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """terrace-batch's store, once on SQLite (a file) and once on a real
+    PostgreSQL server of its own (hack/localpg.py)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'batches.db'}"
+        return
+    pg = PostgresServer().start()
+    try:
+        yield pg.url
+    finally:
+        pg.stop()

@@ -14,6 +14,7 @@ SCRIPTS = [
     "terrace-operator",
     "terrace-router",
     "terrace-runtime",
+    "terrace-batch",
     "terrace-agent",
     "terrace-classifier",
 ]

@@ -158,3 +158,19 @@ def test_a_router_naming_a_missing_tier_says_which():
     assert kube.writes_to(TIER) == []
     assert path_for("ConfigMap", NS, "r-routing") in {p for _, p, _ in kube.writes}
     assert [e[1] for e in kube.events if e[3] == "Warning"] == ["TierNotFound"]
+
+
+def test_a_tick_ends_when_every_tier_was_tried_even_a_failing_one():
+    controller, kube, key = setup(tier_body())
+    kube.put(DEPLOYMENT, {"apiVersion": "apps/v1", "kind": "Deployment",
+                          "metadata": {"name": "small", "namespace": NS}})  # fmt: skip
+    asyncio.run(controller.tick())
+    assert controller.open == {key}
+    with pytest.raises(Conflict):
+        sync(controller, key)
+    assert controller.open == set()  # the tick is over and was timed
+    count = controller.metrics.control_tick_seconds.collect()[0].samples
+    assert next(s.value for s in count if s.name.endswith("_count")) == 1
+    # A child that is not ours stops the children, not the tick: it said so.
+    assert controller.due == set()
+    assert conditions(kube)["Scaling"]["reason"] == "NoDeployment"

@@ -1,0 +1,148 @@
+"""`terrace-batch`: OpenAI's Batch API for Terrace, and the worker that
+releases each batch's lines to a TierRouter when the grid is clean.
+
+    terrace-batch --router http://router.demo.svc:8080 \
+        --store sqlite:////var/lib/terrace-batch/batches.db --port 8090
+    terrace-batch --router ... --store postgresql+psycopg://terrace@db/terrace \
+        --prometheus http://prometheus:9090 \
+        --signal 'grid_carbon_intensity_gco2_per_kwh{zone="DE"}' --threshold 300
+
+One process owns its store (SQLite: one replica; PostgreSQL: any number,
+each claiming lines with row locks). Settings come from TERRACE_BATCH_*
+environment variables, then flags. Port 0 picks a free port (logged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+import httpx
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..auth import ApiKeys
+from ..config import AuthConfig
+from .api import create_batch_app
+from .metrics import BatchMetrics
+from .store import Store
+from .worker import GridSignal, Worker, WorkerSettings
+
+log = logging.getLogger("terrace.batch")
+
+
+class BatchSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TERRACE_BATCH_", extra="ignore")
+
+    store: str = Field(default="sqlite:///terrace-batch.db", description="SQLAlchemy URL")
+    router: str = Field(description="the TierRouter's base URL, where lines are sent")
+    router_api_key: str | None = None
+    api_keys_file: str | None = Field(default=None, description="keys clients must send")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8090, ge=0, le=65535)
+    prometheus: str | None = None
+    signal: str | None = Field(default=None, description="PromQL of the grid signal")
+    threshold: float | None = None
+    slots: int = Field(default=8, ge=1, le=1024)
+    interval_seconds: float = Field(default=1.0, gt=0)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    min_window_seconds: int = Field(default=3600, ge=1)
+    max_window_seconds: int = Field(default=72 * 3600, ge=1)
+    log_level: str = "INFO"
+
+
+def create_service(settings: BatchSettings) -> Starlette:
+    """The Batch API app; its lifespan runs the worker."""
+    if settings.signal and not settings.prometheus:
+        raise ValueError("a grid signal needs a Prometheus URL (--prometheus)")
+    if settings.signal and settings.threshold is None:
+        raise ValueError("a grid signal needs a threshold (--threshold)")
+    keys = ApiKeys.from_config(AuthConfig(api_keys_file=settings.api_keys_file))
+    grid = GridSignal(settings.prometheus, settings.signal) if settings.signal else None
+    store = Store(settings.store)
+    metrics = BatchMetrics()
+    worker = Worker(
+        store,
+        settings.router,
+        settings.router_api_key,
+        WorkerSettings(
+            interval_seconds=settings.interval_seconds,
+            slots=settings.slots,
+            lease_seconds=settings.lease_seconds,
+            threshold=settings.threshold if settings.signal else None,
+        ),
+        grid,
+        metrics,
+    )
+    headers = (
+        {"authorization": f"Bearer {settings.router_api_key}"} if settings.router_api_key else {}
+    )
+
+    async def models() -> set[str] | None:
+        """What the router serves (its /v1/models), for the unknown-model check."""
+        try:
+            async with httpx.AsyncClient(timeout=10) as c:
+                r = await c.get(f"{settings.router.rstrip('/')}/v1/models", headers=headers)
+            return {m["id"] for m in r.json()["data"]} if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    app = create_batch_app(
+        store, keys, models, (settings.min_window_seconds, settings.max_window_seconds)
+    )
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(_: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    app.router.routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    app.router.routes.append(Route("/healthz", healthz, methods=["GET"]))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(worker.run(), name="terrace-batch-worker")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            store.close()
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="terrace-batch", description=__doc__.split("\n")[0])
+    for name in BatchSettings.model_fields:
+        p.add_argument("--" + name.replace("_", "-"), dest=name)
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    try:
+        settings = BatchSettings(**args)
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        app = create_service(settings)
+    except (ValidationError, ValueError) as e:
+        print(f"terrace-batch: invalid settings: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The batch worker: releases pending lines to the router, records answers.
+
+Every `interval_seconds` it reads the grid signal once (`GridSignal`), then
+for each batch in progress: ends it if it was cancelled or its window has
+passed, finalizes it when every line has an outcome, and otherwise asks the
+release policy (policy.py) how many lines to send now, claims them in the
+store and sends each to the router's endpoint as an ordinary client would
+(its own API key). An answer is recorded once (store.finish); a line the
+router sheds (429, 503, a connection error) goes back to pending and the
+batch's concurrency halves; a 5xx is tried again up to `attempts` times.
+A worker that dies leaves its claimed lines to come back when their lease
+runs out, so a restart resumes where the batch was and no line is answered
+twice in the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from .metrics import BatchMetrics
+from .policy import Grid, Pace, Slots, release
+from .store import Claimed, Store
+
+log = logging.getLogger("terrace.batch")
+
+EXPIRED = {
+    "code": "batch_expired",
+    "message": "This request could not be executed before the completion window expired.",
+}
+CANCELLED = {
+    "code": "batch_cancelled",
+    "message": "This request was not executed because the batch was cancelled.",
+}
+SHED = (429, 503)
+
+
+@dataclass
+class WorkerSettings:
+    interval_seconds: float = 1.0
+    slots: int = 8  # most lines of one batch in flight at once
+    lease_seconds: float = 120.0  # a claimed line comes back after this if unanswered
+    request_timeout_seconds: float = 600.0
+    safety: float = 2.0  # deadline margin: finish in half the time left
+    attempts: int = 3  # 5xx answers before a line is recorded as failed
+    threshold: float | None = None  # release at or below this grid signal
+
+
+class GridSignal:
+    """One PromQL value from Prometheus (a carbon intensity, a price); None
+    when Prometheus has no usable value (unknown is never zero)."""
+
+    def __init__(self, prometheus_url: str, query: str, timeout: float = 5.0) -> None:
+        self.query = query
+        self._client = httpx.AsyncClient(base_url=prometheus_url.rstrip("/"), timeout=timeout)
+
+    async def read(self) -> float | None:
+        try:
+            r = await self._client.get("/api/v1/query", params={"query": self.query})
+            data = r.json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            log.warning("grid signal %r unreadable: %s", self.query, e)
+            return None
+        result = data.get("result")
+        if data.get("resultType") == "scalar":
+            result = [{"value": result}]
+        if not isinstance(result, list) or len(result) != 1:
+            return None
+        try:
+            value = float(result[0]["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+        return value if math.isfinite(value) else None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+@dataclass
+class BatchPace:
+    slots: Slots
+    seconds_per_line: float = 1.0
+    failures: dict[int, int] = field(default_factory=dict)  # line -> 5xx answers so far
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        router_url: str,
+        api_key: str | None = None,
+        settings: WorkerSettings | None = None,
+        grid: GridSignal | None = None,
+        metrics: BatchMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics or BatchMetrics()
+        self.settings = settings or WorkerSettings()
+        self.grid = grid
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(
+            base_url=router_url.rstrip("/"),
+            headers=headers,
+            timeout=self.settings.request_timeout_seconds,
+        )
+        self.paces: dict[str, BatchPace] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.last_signal: float | None = None
+        self.last_reason: dict[str, str] = {}
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    await self.tick()
+                except Exception:  # the store was unreachable: try again next pass
+                    log.exception("batch pass failed")
+                await asyncio.sleep(self.settings.interval_seconds)
+        finally:
+            for t in self.tasks:
+                t.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.client.aclose()
+            if self.grid is not None:
+                await self.grid.aclose()
+
+    async def tick(self) -> None:
+        self.last_signal = await self.grid.read() if self.grid is not None else None
+        self.metrics.signal.set(math.nan if self.last_signal is None else self.last_signal)
+        for batch in await asyncio.to_thread(self.store.active):
+            await self._batch(batch)
+        self.metrics.passes.inc()
+
+    async def _batch(self, batch: dict) -> None:
+        batch_id, now = batch["id"], time.time()
+        if batch["status"] == "cancelling":
+            await asyncio.to_thread(self.store.end_unfinished, batch_id, "cancelled", CANCELLED)
+            await self._finalize(batch_id, "cancelled", cancelled_at=int(now))
+            return
+        if now >= batch["expires_at"]:
+            await asyncio.to_thread(self.store.end_unfinished, batch_id, "expired", EXPIRED)
+            await self._finalize(batch_id, "expired", expired_at=int(now))
+            return
+        counts = await asyncio.to_thread(self.store.counts, batch_id)
+        if counts.pending == 0:
+            await self._finalize(batch_id, "completed", completed_at=int(now))
+            return
+        in_flight = await asyncio.to_thread(self.store.in_flight, batch_id)
+        pace = self.paces.setdefault(
+            batch_id, BatchPace(Slots(float(self.settings.slots), self.settings.slots))
+        )
+        decision = release(
+            Pace(
+                now=now,
+                expires_at=batch["expires_at"],
+                pending=counts.pending - in_flight,
+                in_flight=in_flight,
+                seconds_per_line=pace.seconds_per_line,
+                slots=pace.slots.value,
+            ),
+            Grid(self.last_signal, self.settings.threshold),
+            self.settings.safety,
+        )
+        if self.last_reason.get(batch_id) != decision.reason:
+            self.last_reason[batch_id] = decision.reason
+            log.info("batch %s: %s", batch_id, decision.reason)
+        if decision.lines <= 0:
+            return
+        claimed = await asyncio.to_thread(
+            self.store.claim, batch_id, decision.lines, self.settings.lease_seconds
+        )
+        reason = decision.reason.split(":")[0].split(" ")[0]  # deadline, grid, spare
+        self.metrics.released.labels(reason).inc(len(claimed))
+        for line in claimed:
+            task = asyncio.create_task(self._send(batch["endpoint"], line, pace))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, endpoint: str, line: Claimed, pace: BatchPace) -> None:
+        started = time.monotonic()
+        try:
+            r = await self.client.post(endpoint, json=line.body)
+        except httpx.HTTPError as e:
+            log.info("line %s of %s not sent (%s): back to pending", line.line, line.batch_id, e)
+            self.metrics.shed.inc()
+            pace.slots = pace.slots.shed()
+            await asyncio.to_thread(self.store.release, line.batch_id, [line.line])
+            return
+        if r.status_code in SHED or (
+            r.status_code >= 500 and pace.failures.get(line.line, 0) + 1 < self.settings.attempts
+        ):
+            if r.status_code >= 500 and r.status_code not in SHED:
+                pace.failures[line.line] = pace.failures.get(line.line, 0) + 1
+            self.metrics.shed.inc()
+            pace.slots = pace.slots.shed()
+            await asyncio.to_thread(self.store.release, line.batch_id, [line.line])
+            return
+        took = time.monotonic() - started
+        pace.seconds_per_line = 0.8 * pace.seconds_per_line + 0.2 * took
+        pace.slots = pace.slots.served()
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"error": {"message": r.text[:2000], "type": "upstream_error"}}
+        request_id = r.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
+        recorded = await asyncio.to_thread(
+            self.store.finish, line.batch_id, line.line, r.status_code, body, None, request_id
+        )
+        if recorded:
+            self.metrics.answered.labels(f"{r.status_code // 100}xx").inc()
+
+    async def _finalize(self, batch_id: str, status: str, **stamps: int) -> None:
+        outcomes = await asyncio.to_thread(self.store.outcomes, batch_id)
+        output, errors = [], []
+        for o in outcomes:
+            item = {
+                "id": f"batch_req_{o['batch_id'][-12:]}_{o['line']}",
+                "custom_id": o["custom_id"],
+                "response": None,
+                "error": json.loads(o["error"]) if o["error"] else None,
+            }
+            if o["status_code"] is not None:
+                item["response"] = {
+                    "status_code": o["status_code"],
+                    "request_id": o["request_id"],
+                    "body": json.loads(o["response"]) if o["response"] else None,
+                }
+            ok = o["status_code"] is not None and 200 <= o["status_code"] < 300
+            (output if ok else errors).append(json.dumps(item, separators=(",", ":")))
+        now = int(time.time())
+        done = await asyncio.to_thread(
+            self.store.finalize,
+            batch_id,
+            status,
+            ("\n".join(output) + "\n").encode() if output else b"",
+            ("\n".join(errors) + "\n").encode() if errors else b"",
+            finalizing_at=now,
+            **stamps,
+        )
+        if done:
+            log.info("batch %s %s: %d answered, %d errors", batch_id, status, len(output),
+                     len(errors))  # fmt: skip
+            self.paces.pop(batch_id, None)
+            self.last_reason.pop(batch_id, None)
