@@ -187,12 +187,34 @@ class RouterService(_Model):
     node_port: int | None = Field(default=None, ge=30000, le=32767)
 
 
+class BatchSignal(_Model):
+    query: str = Field(min_length=1, max_length=4096)
+    threshold: str = Field(pattern=r"^-?[0-9]+(\.[0-9]+)?$")
+    prometheus_url: str | None = None
+
+
+class UrlSecretRef(_Model):
+    name: str
+    key: str = "url"
+
+
+class Batch(_Model):
+    replicas: int = Field(default=1, ge=0, le=20)
+    storage: str = "1Gi"
+    storage_class_name: str | None = None
+    postgres_url_secret_ref: UrlSecretRef | None = None
+    slots: int = Field(default=8, ge=1, le=1024)
+    max_window_hours: int = Field(default=72, ge=1, le=720)
+    signal: BatchSignal | None = None
+
+
 class TierRouterSpec(_Model):
     tiers: list[TierRef] = Field(min_length=1, max_length=64)
     classifier: Classifier = Classifier()
     escalation: Escalation = Escalation()
     cache: Cache = Cache()
     auth: Auth | None = None
+    batch: Batch | None = None
     service: RouterService = RouterService()
     replicas: int = Field(default=1, ge=0, le=100)
     resources: ResourceRequirements | None = None

@@ -52,6 +52,8 @@ ROUTER_CONFIG_KEY = "router.yaml"
 ROUTER_AUTH_DIR = "/etc/terrace-auth"
 ROUTER_AUTH_FILE = f"{ROUTER_AUTH_DIR}/api-keys"
 ROUTER_CLASSIFIER_DIR = "/etc/terrace-classifier"
+BATCH_PORT = 8090
+BATCH_DATA_DIR = "/var/lib/terrace-batch"
 
 
 @dataclass(frozen=True)
@@ -330,8 +332,10 @@ def _http_service(
     port: int,
     target_port: str,
     node_port: int | None = None,
+    name: str | None = None,
 ) -> dict:
-    """A Service with one TCP port named `http`, as both tiers and routers have."""
+    """A Service with one TCP port named `http`, as tiers, routers and
+    terrace-batch have; named after the owner unless `name` is given."""
     http = {"name": "http", "port": port, "targetPort": target_port, "protocol": "TCP"}
     if node_port:
         http["nodePort"] = node_port
@@ -339,7 +343,7 @@ def _http_service(
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": _meta(owner, owner.name, labels),
+            "metadata": _meta(owner, name or owner.name, labels),
             "spec": {"type": type_, "selector": selector, "ports": [http]},
         }
     )
@@ -395,6 +399,7 @@ def render_router_config(
     tiers: list[ResolvedTier],
     wake_url: str | None = None,
     namespace: str = "",
+    batch: str | None = None,
 ) -> RouterConfig:
     """The routing table for the router, in terrace_router.config's own model.
 
@@ -405,10 +410,11 @@ def render_router_config(
     and never reach a tier the router no longer names. `wake_url`: the
     operator's wake endpoint (OperatorSettings.wake_url), given to the tiers
     that scale to zero. `namespace`: the TierRouter's, for those addresses.
+    `batch`: its terrace-batch's URL (batch_url), when spec.batch is set.
     """
     refs = {t.name: t for t in spec.tiers}
     if not tiers:
-        return _router_config(spec, [_waiting_for(ref, namespace) for ref in spec.tiers])
+        return _router_config(spec, [_waiting_for(ref, namespace) for ref in spec.tiers], batch)
     rendered = []
     for tier in tiers:
         ref = refs[tier.name]
@@ -430,7 +436,7 @@ def render_router_config(
                 ),
             )
         )
-    return _router_config(spec, rendered)
+    return _router_config(spec, rendered, batch)
 
 
 def _waiting_for(ref: TierRef, namespace: str) -> TierConfig:
@@ -443,10 +449,13 @@ def _waiting_for(ref: TierRef, namespace: str) -> TierConfig:
     )
 
 
-def _router_config(spec: TierRouterSpec, rendered: list[TierConfig]) -> RouterConfig:
+def _router_config(
+    spec: TierRouterSpec, rendered: list[TierConfig], batch: str | None
+) -> RouterConfig:
     c = spec.classifier
     return RouterConfig(
         tiers=rendered,
+        batch_url=batch,
         classifier=ClassifierConfig(model=ROUTER_CLASSIFIER_DIR if c.config_map_name else c.model),
         calibration=CalibrationConfig(
             target_large_share=c.target_large_share_percent / 100,
@@ -581,3 +590,152 @@ def router_service(owner: Owner, spec: TierRouterSpec) -> dict:
 
 def router_endpoint(owner: Owner, spec: TierRouterSpec) -> str:
     return endpoint(owner.name, owner.namespace, spec.service.port)
+
+
+# ------------------------------------------------------ TierRouter: batch
+
+
+def batch_name(router: str) -> str:
+    return f"{router}-batch"
+
+
+def batch_labels(router: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "terrace-batch",
+        LABEL_INSTANCE: batch_name(router),
+        LABEL_COMPONENT: "batch",
+        LABEL_PART_OF: "terrace",
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_ROUTER: router,
+    }
+
+
+def batch_selector(router: str) -> dict[str, str]:
+    return {LABEL_NAME: "terrace-batch", LABEL_ROUTER: router}
+
+
+def batch_url(owner: Owner) -> str:
+    """Where the router forwards /v1/files and /v1/batches."""
+    return endpoint(batch_name(owner.name), owner.namespace, BATCH_PORT)
+
+
+def batch_pvc(owner: Owner, spec: TierRouterSpec) -> dict | None:
+    """The SQLite store's claim; None with a PostgreSQL store."""
+    b = spec.batch
+    if b is None or b.postgres_url_secret_ref is not None:
+        return None
+    claim: dict = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": b.storage}},
+    }
+    if b.storage_class_name:
+        claim["storageClassName"] = b.storage_class_name
+    return _finish(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": _meta(owner, batch_name(owner.name), batch_labels(owner.name)),
+            "spec": claim,
+        }
+    )
+
+
+def batch_deployment(
+    owner: Owner, spec: TierRouterSpec, settings: OperatorSettings, replicas: int | None = None
+) -> dict:
+    """terrace-batch for a TierRouter with spec.batch: the Batch API on
+    BATCH_PORT, lines sent to the router's Service with one of the router's
+    own API keys (its keys file). `replicas` overrides spec.batch.replicas
+    (0: spec.batch was removed; the store's claim stays)."""
+    b = spec.batch
+    name = batch_name(owner.name)
+    router = f"http://{owner.name}.{owner.namespace}.svc:{spec.service.port}"
+    args = ["--router", router, "--host", "0.0.0.0", "--port", str(BATCH_PORT)]
+    env: list[dict] = []
+    volumes: list[dict] = []
+    mounts: list[dict] = []
+    if b is not None:
+        args += ["--slots", str(b.slots), "--max-window-seconds", str(b.max_window_hours * 3600)]
+        if b.signal is not None:
+            prometheus = b.signal.prometheus_url or settings.prometheus_url or ""
+            args += ["--prometheus", prometheus, "--signal", b.signal.query,
+                     "--threshold", b.signal.threshold]  # fmt: skip
+        if b.postgres_url_secret_ref is not None:
+            ref = b.postgres_url_secret_ref
+            env.append(
+                {
+                    "name": "TERRACE_BATCH_STORE",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+                }
+            )
+        else:
+            args += ["--store", f"sqlite:///{BATCH_DATA_DIR}/batches.db"]
+            volumes.append({"name": "store", "persistentVolumeClaim": {"claimName": name}})
+            mounts.append({"name": "store", "mountPath": BATCH_DATA_DIR})
+    if spec.auth:
+        ref = spec.auth.api_key_secret_ref
+        volumes.append(
+            {
+                "name": "api-keys",
+                "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "api-keys"}]},
+            }
+        )
+        mounts.append({"name": "api-keys", "mountPath": ROUTER_AUTH_DIR, "readOnly": True})
+        args += ["--api-keys-file", ROUTER_AUTH_FILE]
+    container: dict = {
+        "name": "batch",
+        "image": settings.router_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["terrace-batch"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": BATCH_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    if env:
+        container["env"] = env
+    sqlite = b is None or b.postgres_url_secret_ref is None
+    labels = batch_labels(owner.name)
+    return _finish(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(owner, name, labels),
+            "spec": {
+                "replicas": replicas if replicas is not None else (b.replicas if b else 0),
+                "selector": {"matchLabels": batch_selector(owner.name)},
+                # One SQLite file on a ReadWriteOnce claim: never two pods at once.
+                "strategy": {"type": "Recreate"} if sqlite else {"type": "RollingUpdate"},
+                "revisionHistoryLimit": 3,
+                "template": {
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(BATCH_PORT),
+                            "prometheus.io/path": "/metrics",
+                        },
+                    },
+                    "spec": {
+                        "containers": [container],
+                        "volumes": volumes,
+                        "enableServiceLinks": False,
+                        "automountServiceAccountToken": False,
+                    },
+                },
+            },
+        }
+    )
+
+
+def batch_service(owner: Owner) -> dict:
+    return _http_service(
+        owner,
+        batch_labels(owner.name),
+        batch_selector(owner.name),
+        "ClusterIP",
+        BATCH_PORT,
+        "http",
+        name=batch_name(owner.name),
+    )

@@ -29,6 +29,23 @@ log = logging.getLogger("terrace_operator")
 class TierRouterController(Controller):
     kind = "TierRouter"
 
+    async def _batch_children(self, owner: ch.Owner, spec: TierRouterSpec) -> list[dict]:
+        """terrace-batch's Deployment, Service and (SQLite) claim with
+        spec.batch; without it, an existing terrace-batch of this router is
+        scaled to 0 (the operator deletes nothing; the claim keeps the store)."""
+        if spec.batch is not None:
+            pvc = ch.batch_pvc(owner, spec)
+            return [
+                *([pvc] if pvc is not None else []),
+                ch.batch_deployment(owner, spec, self.settings),
+                ch.batch_service(owner),
+            ]
+        name = ch.batch_name(owner.name)
+        existing = await self.current("Deployment", owner.namespace, name)
+        if existing is None or not ch.is_controlled_by(existing, owner.uid):
+            return []
+        return [ch.batch_deployment(owner, spec, self.settings, replicas=0)]
+
     async def sync(self, key: Key) -> None:
         body = self.cache.get(key.kind, key.namespace, key.name)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -85,7 +102,11 @@ class TierRouterController(Controller):
         actions: list[tuple[str, str]] = []
         try:
             config = ch.render_router_config(
-                spec, resolved, self.settings.wake_url, owner.namespace
+                spec,
+                resolved,
+                self.settings.wake_url,
+                owner.namespace,
+                ch.batch_url(owner) if spec.batch else None,
             )
             desired_cm = ch.router_configmap(owner, config)
             config_hash = desired_cm["metadata"]["annotations"][ch.HASH_ANNOTATION]
@@ -101,6 +122,7 @@ class TierRouterController(Controller):
             for desired in (
                 ch.router_deployment(owner, spec, self.settings),
                 ch.router_service(owner, spec),
+                *await self._batch_children(owner, spec),
             ):
                 obj, action = await self.ensure(owner, desired)
                 if desired["kind"] == "Deployment":

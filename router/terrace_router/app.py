@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from .batch.forward import BATCH_ROUTES, forward
 from .config import RouterConfig, load
 from .errors import RouterError, internal, model_not_found
 from .metrics import RouterMetrics
@@ -152,8 +153,12 @@ def create_app(
     async def v2_ready(request: Request) -> Response:
         return ready_response(holder.ready)
 
+    async def batch_api(request: Request) -> Response:
+        return await forward(holder.state, proxy.client, request)
+
     v2_model = _guard(oip.model, "v2")
     routes = [
+        *(Route(path, _guard(batch_api), methods=methods) for path, methods in BATCH_ROUTES),
         Route("/v1/chat/completions", _guard(chat), methods=["POST"]),
         Route("/v1/completions", _guard(completions), methods=["POST"]),
         Route("/v1/models", _guard(models), methods=["GET"]),

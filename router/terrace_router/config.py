@@ -115,6 +115,9 @@ class RouterConfig(_Model):
     cache: CacheConfig = CacheConfig()
     auth: AuthConfig = AuthConfig()
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # terrace-batch's base URL: /v1/files and /v1/batches are forwarded there
+    # (batch/forward.py); None: those paths answer 404.
+    batch_url: str | None = None
 
     @field_validator("tiers")
     @classmethod

@@ -39,7 +39,8 @@ _WHY = {
     "400": "The request is invalid (the `param` names the field), or an upstream refused it.",
     "401": "No or an unknown API key.",
     "404": "Unknown model or path.",
-    "413": "The body is over the router's `maxBodyBytes`.",
+    "409": "The batch has ended: it cannot be cancelled.",
+    "413": "The body is over the router's `maxBodyBytes` (a batch file: over 200 MB).",
     "429": "Every tier that could serve it is at its in-flight limit or answered 429.",
     "500": "An upstream answered 500 (its message is quoted), or the router failed.",
     "502": "An upstream reset the connection or answered malformed bytes.",
@@ -123,6 +124,78 @@ _NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "st
 _VERSION = [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}]
 
 
+def _batch_paths() -> dict[str, Any]:
+    """OpenAI's Files and Batch APIs, forwarded to terrace-batch (docs/batch.md)."""
+    codes = ["400", "401", "404", "409", "413", "503"]
+
+    def op(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "summary": summary + " (forwarded to the TierRouter's terrace-batch; 404 without one)",
+            "responses": {
+                "200": _json({"type": "object"}, "As OpenAI's API."),
+                **_errors(_OPENAI_ERROR, codes),
+            },
+        }
+        if body is not None:
+            out["requestBody"] = {"required": True, "content": body}
+        return out
+
+    def param(name: str) -> list[dict[str, Any]]:
+        return [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
+
+    upload = {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "purpose": {"const": "batch"},
+                },
+            }
+        }
+    }
+    create = {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["input_file_id", "endpoint", "completion_window"],
+                "properties": {
+                    "input_file_id": {"type": "string"},
+                    "endpoint": {"enum": ["/v1/chat/completions", "/v1/completions"]},
+                    "completion_window": {"type": "string"},
+                    "metadata": {"type": "object"},
+                },
+            }
+        }
+    }
+    content = {
+        "description": "The file's bytes (JSONL).",
+        "content": {"application/jsonl": {"schema": {"type": "string"}}},
+    }
+    return {
+        "/v1/files": {"get": op("List files"), "post": op("Upload a batch input file", upload)},
+        "/v1/files/{file_id}": {
+            "parameters": param("file_id"),
+            "get": op("A file"),
+            "delete": op("Delete a file"),
+        },
+        "/v1/files/{file_id}/content": {
+            "parameters": param("file_id"),
+            "get": {
+                **op("A file's content"),
+                "responses": {"200": content, **_errors(_OPENAI_ERROR, codes)},
+            },
+        },
+        "/v1/batches": {"get": op("List batches"), "post": op("Create a batch", create)},
+        "/v1/batches/{batch_id}": {"parameters": param("batch_id"), "get": op("A batch")},
+        "/v1/batches/{batch_id}/cancel": {
+            "parameters": param("batch_id"),
+            "post": op("Cancel a batch"),
+        },
+    }
+
+
 def document(version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document (a JSON-able dict) of a router at `version`."""
     schemas: dict[str, Any] = {}
@@ -161,6 +234,7 @@ def document(version: str) -> dict[str, Any]:
                 },
             }
         },
+        **_batch_paths(),
         "/v2": {
             "get": {
                 "summary": "Server metadata",

@@ -268,12 +268,37 @@ REFUSED = [
     (
         "escalation-logprob-float",
         spec(ROUTER, escalation={"minMeanLogprob": -2.5}),
-        "spec.escalation.minMeanLogprob: Invalid value: \"number\"",
+        'spec.escalation.minMeanLogprob: Invalid value: "number"',
     ),
     (
         "escalation-logprob-positive",
         spec(ROUTER, escalation={"minMeanLogprob": "2.5"}),
-        "spec.escalation.minMeanLogprob: Invalid value: \"2.5\"",
+        'spec.escalation.minMeanLogprob: Invalid value: "2.5"',
+    ),
+    (
+        "batch-replicas-need-postgres",
+        spec(ROUTER, batch={"replicas": 2}),
+        "batch.replicas above 1 needs batch.postgresUrlSecretRef",
+    ),
+    (
+        "batch-signal-needs-threshold",
+        spec(ROUTER, batch={"signal": {"query": "grid"}}),
+        "spec.batch.signal.threshold: Required value",
+    ),
+    (
+        "batch-threshold-float",
+        spec(ROUTER, batch={"signal": {"query": "grid", "threshold": 300.5}}),
+        'spec.batch.signal.threshold: Invalid value: "number"',
+    ),
+    (
+        "batch-router-name-too-long",
+        merged(spec(ROUTER, batch={}), {"metadata": {"name": "r" * 58}}),
+        "a TierRouter with spec.batch has a name of at most 57 characters",
+    ),
+    (
+        "batch-storage-quantity",
+        spec(ROUTER, batch={"storage": "lots"}),
+        'spec.batch.storage: Invalid value: "lots"',
     ),
 ]
 

@@ -532,3 +532,46 @@ def test_restart_mid_way_converges_without_duplicates(cluster, op: OperatorProce
         )["items"]
     }
     assert deployments == tiers
+
+
+def test_a_router_with_batch_gets_terrace_batch_and_forwards_to_it(cluster, op) -> None:
+    apply(cluster, tier_yaml("bt"))
+    router = {
+        "apiVersion": "terrace.dev/v1alpha1",
+        "kind": "TierRouter",
+        "metadata": {"name": "batched", "namespace": NS},
+        "spec": {
+            "tiers": [{"name": "bt"}],
+            "batch": {"storage": "2Gi", "signal": {"query": "grid", "threshold": "250"}},
+        },
+    }
+    apply(cluster, yaml.safe_dump(router))
+    dep = wait_for(lambda: get(cluster, "deployment", "batched-batch"), TIMEOUT,
+                   what="terrace-batch Deployment")  # fmt: skip
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--router") + 1] == f"http://batched.{NS}.svc:8080"
+    assert args[args.index("--threshold") + 1] == "250"
+    owner = dep["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("TierRouter", "batched", True)
+    pvc = wait_for(lambda: get(cluster, "pvc", "batched-batch"), TIMEOUT, what="the store's claim")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    svc = wait_for(lambda: get(cluster, "service", "batched-batch"), TIMEOUT, what="its Service")
+    assert svc["spec"]["ports"][0]["port"] == 8090
+    cm = wait_for(lambda: get(cluster, "configmap", "batched-routing"), TIMEOUT)
+    table = RouterConfig.model_validate(yaml.safe_load(cm["data"]["router.yaml"]))
+    assert table.batch_url == f"http://batched-batch.{NS}.svc:8090"
+    # spec.batch removed: terrace-batch scaled to zero, its claim (the store) kept.
+    cluster.kubectl("patch", "trouter", "batched", "-n", NS, "--type=json",
+                    "-p", '[{"op": "remove", "path": "/spec/batch"}]')  # fmt: skip
+    wait_for(lambda: get(cluster, "deployment", "batched-batch")["spec"]["replicas"] == 0,
+             TIMEOUT, what="terrace-batch at zero")  # fmt: skip
+    assert get(cluster, "pvc", "batched-batch") is not None
+    cm = wait_for(
+        lambda: (
+            (c := get(cluster, "configmap", "batched-routing"))
+            and "batch_url" not in yaml.safe_load(c["data"]["router.yaml"])
+            and c
+        ),
+        TIMEOUT,
+        what="the table without batch_url",
+    )

@@ -15,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from router_harness import KEY, client, make_config, serve_router
-from served import ServerThread
+from served import ServerThread, refusing_url
 from terrace_router.batch.cli import BatchSettings, create_service
 
 pytestmark = pytest.mark.usefixtures("router_keys")
@@ -205,3 +205,31 @@ def test_lines_wait_while_the_grid_is_dirty_and_flow_when_it_is_clean(
     done = wait_status(c, batch.id, "completed", 60)
     assert done.request_counts.completed == 20
     assert metric(c, "terrace_batch_lines_released_total") == 20
+
+
+def test_the_router_serves_the_batch_api_on_its_own_address(servers, stubs, tmp_path):
+    """One base_url for everything: the router forwards /v1/files and
+    /v1/batches to its terrace-batch, whose lines come back through it."""
+    plain = serve_router(servers, make_config(stubs))
+    batch = serve_batch(servers, f"sqlite:///{tmp_path / 'b.db'}", plain)
+    front = client(serve_router(servers, make_config(stubs, batch_url=str(batch.base_url)[:-4])))
+    file_id = upload(front, jsonl(30))
+    assert front.files.retrieve(file_id).bytes == len(jsonl(30))
+    b = front.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                             completion_window="1h")  # type: ignore[arg-type]  # fmt: skip
+    done = wait_status(front, b.id, "completed")
+    assert len(lines_of(front, done.output_file_id)) == 30
+    assert front.batches.list().data[0].id == b.id
+    with pytest.raises(openai.NotFoundError):
+        front.batches.retrieve("batch_nope")  # the batch service's own 404, relayed
+    with pytest.raises(openai.AuthenticationError):
+        client(str(front.base_url)[:-4], key="wrong").batches.list()  # the router's keys first
+    # A router without spec.batch says so; one whose batch service is gone, 503.
+    with pytest.raises(openai.NotFoundError) as e:
+        client(plain).batches.list()
+    assert "spec.batch" in e.value.body["message"]
+    with refusing_url() as gone:
+        lost = client(serve_router(servers, make_config(stubs, batch_url=gone)))
+        with pytest.raises(openai.InternalServerError) as e:
+            lost.batches.list()
+    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "5"

@@ -331,3 +331,58 @@ def test_a_router_with_none_of_its_tiers_lists_exactly_the_named_ones() -> None:
         ("later", ["http://later.demo.svc:8080"], "m"),
     ]
     assert all(t.wake_url is None and t.activation_timeout_seconds == 0 for t in config.tiers)
+
+
+def test_a_router_with_batch_gets_terrace_batch_on_a_claim_and_forwards_to_it() -> None:
+    spec = router_spec(
+        auth={"apiKeySecretRef": {"name": "router-keys"}},
+        batch={"signal": {"query": "grid_gco2", "threshold": "300"}, "maxWindowHours": 48},
+    )
+    settings = OperatorSettings(prometheus_url="http://prom:9090")
+    dep = ch.batch_deployment(ROUTER, spec, settings)
+    valid(dep)
+    c = container(dep)
+    assert dep["metadata"]["name"] == "router-batch" and dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}  # one SQLite file, one pod
+    assert c["command"] == ["terrace-batch"]
+    args = dict(zip(c["args"][::2], c["args"][1::2], strict=True))
+    assert args["--router"] == "http://router.demo.svc:8080"
+    assert args["--store"] == "sqlite:////var/lib/terrace-batch/batches.db"
+    assert args["--max-window-seconds"] == str(48 * 3600)
+    assert (args["--signal"], args["--threshold"]) == ("grid_gco2", "300")
+    assert args["--prometheus"] == "http://prom:9090"  # the operator's, by default
+    assert args["--api-keys-file"] == "/etc/terrace-auth/api-keys"  # clients' keys, and its own
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["store"]["persistentVolumeClaim"] == {"claimName": "router-batch"}
+    # Not selected by the router's Service (nor the other way round).
+    assert dep["spec"]["selector"]["matchLabels"] != ch.router_selector("router")
+    pvc = ch.batch_pvc(ROUTER, spec)
+    assert pvc is not None
+    valid(pvc)
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    svc = ch.batch_service(ROUTER)
+    valid(svc)
+    assert svc["metadata"]["name"] == "router-batch" and svc["spec"]["ports"][0]["port"] == 8090
+    table = ch.render_router_config(spec, RESOLVED, None, "demo", ch.batch_url(ROUTER))
+    assert table.batch_url == "http://router-batch.demo.svc:8090"
+    assert ch.render_router_config(router_spec(), RESOLVED).batch_url is None
+
+
+def test_a_postgres_store_needs_no_claim_and_may_run_replicas() -> None:
+    spec = router_spec(batch={"replicas": 3, "postgresUrlSecretRef": {"name": "db"}})
+    assert ch.batch_pvc(ROUTER, spec) is None
+    dep = ch.batch_deployment(ROUTER, spec, SETTINGS)
+    valid(dep)
+    c = container(dep)
+    assert dep["spec"]["replicas"] == 3 and "--store" not in c["args"]
+    assert c["env"] == [
+        {
+            "name": "TERRACE_BATCH_STORE",
+            "valueFrom": {"secretKeyRef": {"name": "db", "key": "url"}},
+        }
+    ]
+    assert "volumes" not in dep["spec"]["template"]["spec"] or not any(
+        "persistentVolumeClaim" in v for v in dep["spec"]["template"]["spec"]["volumes"]
+    )
+    # spec.batch removed: the operator scales it to zero and deletes nothing.
+    assert ch.batch_deployment(ROUTER, router_spec(), SETTINGS, replicas=0)["spec"]["replicas"] == 0

@@ -77,6 +77,16 @@ DOCUMENTED = {
     ("/readyz", "get"),
     ("/metrics", "get"),
     ("/openapi.json", "get"),
+    # OpenAI's Files and Batch APIs, forwarded to terrace-batch (docs/batch.md).
+    ("/v1/files", "get"),
+    ("/v1/files", "post"),
+    ("/v1/files/{file_id}", "get"),
+    ("/v1/files/{file_id}", "delete"),
+    ("/v1/files/{file_id}/content", "get"),
+    ("/v1/batches", "get"),
+    ("/v1/batches", "post"),
+    ("/v1/batches/{batch_id}", "get"),
+    ("/v1/batches/{batch_id}/cancel", "post"),
 }
 
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -46,7 +47,9 @@ class BatchSettings(BaseSettings):
 
     store: str = Field(default="sqlite:///terrace-batch.db", description="SQLAlchemy URL")
     router: str = Field(description="the TierRouter's base URL, where lines are sent")
-    router_api_key: str | None = None
+    router_api_key: str | None = Field(
+        default=None, description="key sent to the router; default: the first of api_keys_file"
+    )
     api_keys_file: str | None = Field(default=None, description="keys clients must send")
     host: str = "127.0.0.1"
     port: int = Field(default=8090, ge=0, le=65535)
@@ -61,6 +64,18 @@ class BatchSettings(BaseSettings):
     log_level: str = "INFO"
 
 
+def _first_key(path: str | None) -> str | None:
+    """The first key of a keys file (one a line, # comments): the one
+    terrace-batch sends to the router when no router_api_key is given, so
+    the operator can hand it the router's own keys file."""
+    if not path:
+        return None
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            return line.strip()
+    return None
+
+
 def create_service(settings: BatchSettings) -> Starlette:
     """The Batch API app; its lifespan runs the worker."""
     if settings.signal and not settings.prometheus:
@@ -70,11 +85,12 @@ def create_service(settings: BatchSettings) -> Starlette:
     keys = ApiKeys.from_config(AuthConfig(api_keys_file=settings.api_keys_file))
     grid = GridSignal(settings.prometheus, settings.signal) if settings.signal else None
     store = Store(settings.store)
+    router_key = settings.router_api_key or _first_key(settings.api_keys_file)
     metrics = BatchMetrics()
     worker = Worker(
         store,
         settings.router,
-        settings.router_api_key,
+        router_key,
         WorkerSettings(
             interval_seconds=settings.interval_seconds,
             slots=settings.slots,
