@@ -115,6 +115,10 @@ class RouterConfig(_Model):
     cache: CacheConfig = CacheConfig()
     auth: AuthConfig = AuthConfig()
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # `service_tier: "flex"` requests go to the cheapest tier whose in-flight
+    # requests are under this share of its capacity, and get a 429 when none
+    # is (policy.decide_flex): they are shed before interactive work is.
+    flex_max_load: float = Field(default=0.5, gt=0, le=1)
     # terrace-batch's base URL: /v1/files and /v1/batches are forwarded there
     # (batch/forward.py); None: those paths answer 404.
     batch_url: str | None = None

@@ -75,6 +75,24 @@ def decide_pinned(index: int, why: str) -> Decision:
     return Decision((index,), why)
 
 
+def decide_flex(
+    loads: Sequence[float], max_load: float, escalation: EscalationConfig, pinned: int | None = None
+) -> Decision | None:
+    """A `service_tier: "flex"` request (OpenAI's cheap, sheddable tier):
+    the cheapest tier whose load (in flight over capacity) is under
+    `max_load`, escalating only into tiers also under it; for a pinned
+    request its own tier if under it. None: every candidate is busier, and
+    the request is shed (429) so interactive requests keep the headroom.
+    The complexity score is not asked: flex buys latency and quality
+    tolerance for cost."""
+    candidates = [pinned] if pinned is not None else range(len(loads))
+    order = [i for i in candidates if loads[i] < max_load][: escalation.max_attempts]
+    if not order:
+        return None
+    why = f"flex: cheapest tier under {max_load:.0%} load"
+    return Decision(tuple(order), why, escalation.on_low_confidence and len(order) > 1)
+
+
 def tier_for_score(score: float, thresholds: Sequence[float]) -> int:
     """Index of the tier for a score under fixed ascending thresholds.
 

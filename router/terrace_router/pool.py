@@ -75,6 +75,11 @@ class TierPool:
         self.eject_seconds = eject_seconds
         self._next = 0  # rotates the tie-break so equal endpoints share load
 
+    def load(self) -> float:
+        """Requests in flight over the tier's capacity (endpoints x max_inflight), 0..1."""
+        capacity = len(self.endpoints) * self.max_inflight
+        return sum(ep.inflight for ep in self.endpoints) / capacity if capacity else 1.0
+
     def pick(
         self, now: float, exclude: Iterable[Endpoint] = (), *, include_ejected: bool = False
     ) -> Endpoint | str:

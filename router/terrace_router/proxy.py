@@ -246,15 +246,10 @@ class Proxy:
                     headers["x-terrace-cache"] = "hit"
                     return Response(hit.body, headers=headers, media_type=hit.media_type)
 
-        score = await self._score(state, prompt_text(kind, payload))
-        complexity = f"{score:.4f}"
-        if auto:
-            self.metrics.complexity.observe(score)
-            decision = policy.decide_auto(
-                score, state.route(score), len(state.openai_tiers), state.escalation
-            )
+        if payload.get("service_tier") == "flex":
+            decision, complexity = self._flex(state, model, auto), "flex"
         else:
-            decision = policy.decide_pinned(state.by_name[model].index, f"pinned to {model}")
+            decision, complexity = await self._decide(state, kind, payload, model, auto)
         self.metrics.chose(state.openai_tiers[decision.order[0]].name)
         x = OpenAIExchange(state, decision, kind=kind, payload=payload, auto=auto, t0=t0)
         client = self.client
@@ -268,6 +263,39 @@ class Proxy:
         if answer.held is not None:
             return self._relay(x, answer, complexity, key)
         return self._answer(x, answer, complexity, key)
+
+    async def _decide(
+        self, state: RouterState, kind: str, payload: dict[str, Any], model: str, auto: bool
+    ) -> tuple[policy.Decision, str]:
+        """The tier order for an ordinary request: by complexity for `auto`,
+        the named tier otherwise."""
+        score = await self._score(state, prompt_text(kind, payload))
+        if auto:
+            self.metrics.complexity.observe(score)
+            decision = policy.decide_auto(
+                score, state.route(score), len(state.openai_tiers), state.escalation
+            )
+        else:
+            decision = policy.decide_pinned(state.by_name[model].index, f"pinned to {model}")
+        return decision, f"{score:.4f}"
+
+    def _flex(self, state: RouterState, model: str, auto: bool) -> policy.Decision:
+        loads = [t.pool.load() for t in state.openai_tiers]
+        pinned = None if auto else state.by_name[model].index
+        limit = state.config.flex_max_load
+        decision = policy.decide_flex(loads, limit, state.escalation, pinned)
+        if decision is None:
+            raise RouterError(
+                429,
+                f"service_tier flex: every tier that could serve it is above {limit:.0%} of its "
+                "in-flight capacity; flex requests are shed first. Retry later, or send it "
+                "without service_tier flex.",
+                type="rate_limit_error",
+                param="service_tier",
+                code="resource_unavailable",
+                retry_after=1,
+            )
+        return decision
 
     async def _score(self, state: RouterState, text: str) -> float:
         """The classifier's score. Shape features run inline (tens of

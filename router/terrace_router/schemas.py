@@ -50,6 +50,8 @@ class _Sampling(_Open):
     seed: int | None = Field(default=None, ge=-_INT64, lt=_INT64)
     user: str | None = None
     stream_options: StreamOptions | None = None
+    # OpenAI's processing tiers; `flex` is cheap and sheddable (policy.decide_flex).
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
