@@ -135,6 +135,8 @@ class ModelTierStatus(_Model):
     desired_power_limit_watts: int | None = None
     energy_per_request_joules: str | None = None
     energy_per_token_joules: str | None = None
+    carbon_per_request_grams: str | None = None
+    carbon_per_1k_tokens_grams: str | None = Field(default=None, alias="carbonPer1kTokensGrams")
     last_scaling: list[ScalingEvent] | None = None
     conditions: list[Condition] | None = None
 

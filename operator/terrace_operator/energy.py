@@ -19,6 +19,7 @@ number a router that moves a request between tiers should compare.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,21 @@ def estimate(
     if tokens is not None and not math.isfinite(tokens):
         tokens = None
     return EnergyEstimate(joules, requests, tokens, source)
+
+
+JOULES_PER_KWH = 3.6e6
+
+
+def carbon_grams(
+    e: EnergyEstimate, intensity: float | None
+) -> tuple[float, float | None] | None:
+    """(gCO2 per request, gCO2 per 1,000 generated tokens or None) at a grid
+    intensity in gCO2/kWh; None when the intensity is unknown (never 0)."""
+    if intensity is None or not math.isfinite(intensity) or intensity < 0:
+        return None
+    per_kwh = intensity / JOULES_PER_KWH
+    per_token = e.per_token
+    return e.per_request * per_kwh, (per_token * 1000 * per_kwh if per_token is not None else None)
 
 
 def format_joules(value: float) -> str:
@@ -130,6 +146,16 @@ class EnergyMetrics:
             labels,
             registry=registry,
         )
+        self.carbon_per_request = Gauge(
+            "terrace_tier_carbon_per_request_grams",
+            "Grams of CO2 per request: energy per request times the grid's carbon intensity",
+            ["namespace", "tier"], registry=registry,
+        )
+        self.carbon_per_1k_tokens = Gauge(
+            "terrace_tier_carbon_per_1k_tokens_grams",
+            "Grams of CO2 per 1,000 generated tokens, the same way",
+            ["namespace", "tier"], registry=registry,
+        )
         self.per_token = Gauge(
             "terrace_tier_energy_per_token_joules",
             "Energy per generated token over the control loop's window",
@@ -137,7 +163,19 @@ class EnergyMetrics:
             registry=registry,
         )
 
-    def record(self, namespace: str, tier: str, e: EnergyEstimate) -> None:
+    def record(
+        self, namespace: str, tier: str, e: EnergyEstimate, intensity: float | None = None
+    ) -> None:
         self.per_request.labels(namespace, tier, e.source).set(e.per_request)
         if e.per_token is not None:
             self.per_token.labels(namespace, tier, e.source).set(e.per_token)
+        carbon = carbon_grams(e, intensity)
+        if carbon is None:
+            # Unknown intensity: no stale figure left behind either.
+            for gauge in (self.carbon_per_request, self.carbon_per_1k_tokens):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(namespace, tier)
+            return
+        self.carbon_per_request.labels(namespace, tier).set(carbon[0])
+        if carbon[1] is not None:
+            self.carbon_per_1k_tokens.labels(namespace, tier).set(carbon[1])

@@ -28,7 +28,13 @@ from terrace_operator.agent.protocol import (
 )
 from terrace_operator.api import ModelTierSpec
 from terrace_operator.conditions import set_condition
-from terrace_operator.energy import CpuPowerModel, EnergyEstimate, format_joules, tier_energy
+from terrace_operator.energy import (
+    CpuPowerModel,
+    EnergyEstimate,
+    carbon_grams,
+    format_joules,
+    tier_energy,
+)
 from terrace_operator.power import (
     CapWindow,
     DeviceConstraints,
@@ -51,6 +57,8 @@ TICK_FIELDS = (
     "powerLimitWatts",
     "energyPerRequestJoules",
     "energyPerTokenJoules",
+    "carbonPerRequestGrams",
+    "carbonPer1kTokensGrams",
 )
 
 
@@ -86,6 +94,7 @@ class Observations:
     latency_ms: float | None = None
     energy: EnergyEstimate | None = None
     error: str | None = None
+    carbon_intensity: float | None = None  # gCO2/kWh now; None: unknown
 
 
 @dataclass(frozen=True)
@@ -235,7 +244,9 @@ def observe(
         with contextlib.suppress(MetricsError):
             latency = signals.tier("latencyP95", namespace, name)
     energy = tier_energy(signals, namespace, name, nodes, spec.device, cpu_model)
-    return Observations(observed, activation, utilization, latency, energy, error)
+    return Observations(
+        observed, activation, utilization, latency, energy, error, signals.carbon_intensity()
+    )
 
 
 def plan(
@@ -397,6 +408,11 @@ def plan(
         out["energyPerRequestJoules"] = format_joules(obs.energy.per_request)
         if obs.energy.per_token is not None:
             out["energyPerTokenJoules"] = format_joules(obs.energy.per_token)
+        carbon = carbon_grams(obs.energy, obs.carbon_intensity)
+        if carbon is not None:
+            out["carbonPerRequestGrams"] = format_joules(carbon[0])
+            if carbon[1] is not None:
+                out["carbonPer1kTokensGrams"] = format_joules(carbon[1])
 
     out["conditions"] = [c for c in conditions if c.get("type") in TICK_CONDITIONS]
     return TierPlan(replicas, tuple(events), patches, out, replace(mem, status=out))

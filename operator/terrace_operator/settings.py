@@ -57,6 +57,9 @@ class OperatorSettings(BaseSettings):
     gpu_metrics_source: Literal["agent", "dcgm"] = "agent"
     cpu_watts_per_busy_core: float = Field(default=350.0 / 56, gt=0)
     power_desired_ttl_seconds: float = Field(default=DEFAULT_TTL_SECONDS, gt=0)
+    # The grid's carbon intensity now, in gCO2/kWh: PromQL with one value (an
+    # exporter's gauge). Unset or no data: carbon figures are absent, never 0.
+    carbon_intensity_query: str | None = None
 
     # The wake endpoint (wake.py), where routers wake a tier at zero
     # (POST /wake/NAMESPACE/TIER); no port: off.
@@ -94,7 +97,13 @@ class OperatorSettings(BaseSettings):
             return [n.strip() for n in value.split(",") if n.strip()]
         return value
 
-    @field_validator("liveness_endpoint", "prometheus_url", "lease_namespace", mode="before")
+    @field_validator(
+        "liveness_endpoint",
+        "prometheus_url",
+        "lease_namespace",
+        "carbon_intensity_query",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

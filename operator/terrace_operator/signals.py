@@ -112,6 +112,7 @@ class Signals:
     custom: Mapping[TierKey, float | MetricsError] = field(default_factory=dict)
     gpu_source: GpuSource = "agent"
     queries: int = 0  # how many PromQL queries the tick sent
+    carbon: float | MetricsError | None = None  # gCO2/kWh now; None: no query configured
 
     def _kind(self, kind: str) -> list[Sample]:
         if kind in self.errors:
@@ -153,6 +154,10 @@ class Signals:
             raise BadValue(f"{kind} of {namespace}/{tier}: {values}")
         return values
 
+    def carbon_intensity(self) -> float | None:
+        """The grid's carbon intensity (gCO2/kWh), or None when unknown."""
+        return self.carbon if isinstance(self.carbon, float) else None
+
     def custom_value(self, namespace: str, tier: str) -> float:
         got = self.custom.get((namespace, tier))
         if got is None:
@@ -166,10 +171,14 @@ async def read_signals(
     prom: PrometheusClient,
     queries: SignalQueries,
     custom: Mapping[TierKey, str] | None = None,
+    carbon: str | None = None,
 ) -> Signals:
-    """Send every grouped query, and each tier's custom one, concurrently."""
+    """Send every grouped query, each tier's custom one and the carbon
+    intensity's (`carbon`, PromQL in gCO2/kWh), concurrently."""
     grouped = queries.grouped()
     custom = dict(custom or {})
+    if carbon:
+        custom[("", "")] = carbon  # read like a custom query, kept apart below
 
     async def one(promql: str) -> list[Sample] | MetricsError:
         try:
@@ -196,4 +205,5 @@ async def read_signals(
             values[key] = single_value(answer, promql)
         except MetricsError as exc:
             values[key] = exc
-    return Signals(samples, errors, values, queries.gpu_source, len(answers))
+    intensity = values.pop(("", ""), None) if carbon else None
+    return Signals(samples, errors, values, queries.gpu_source, len(answers), intensity)

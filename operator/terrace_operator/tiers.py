@@ -111,6 +111,7 @@ class ModelTierController(Controller):
                 self.prometheus,
                 SignalQueries(self.settings.metrics_window, self.settings.gpu_metrics_source),
                 custom,
+                self.settings.carbon_intensity_query,
             )
             self.metrics.prometheus_queries.inc(self.signals.queries)
         self._tick_started = started
@@ -273,7 +274,7 @@ class ModelTierController(Controller):
         )
         await self._apply_plan(body, deployment, p)
         if obs.energy is not None:
-            self.energy.record(key.namespace, key.name, obs.energy)
+            self.energy.record(key.namespace, key.name, obs.energy, obs.carbon_intensity)
         self.metrics.control_ticks.labels(key.namespace, key.name).inc()
         return p.memory
 

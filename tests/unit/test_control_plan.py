@@ -251,3 +251,28 @@ def test_cpu_energy_from_the_busy_seconds(prom):
     # increase() extrapolates both counters alike (served.Exposition): the
     # ratio is 4 busy core-seconds x 5 W over 10 requests.
     assert float(p.status["energyPerRequestJoules"]) == pytest.approx(2.0, rel=0.01)
+
+
+def test_carbon_per_request_from_energy_and_the_grid_and_unknown_is_absent(prom):
+    grid = ("grid_gco2_per_kwh", "gauge", ())
+    prom.show({INFLIGHT: 1, RUNTIME_REQUESTS: 10, RUNTIME_BUSY: 4, grid: 360.0})
+
+    def with_carbon(query: str) -> dict:
+        async def read():
+            async with PrometheusClient(prom.url, 2.0) as client:
+                return await read_signals(client, SignalQueries(), None, query)
+
+        got = asyncio.run(read())
+        assert got.queries == len(SignalQueries().grouped()) + 1
+        obs = observe(spec(device="cpu"), got, "demo", "big", (), CpuPowerModel(5.0))
+        return plan(spec(device="cpu"), namespace="demo", name="big", generation=3, status={},
+                    current=1, obs=obs, nodes=(), annotations={}, memory=TierMemory(),
+                    now=NOW, refresh_after_seconds=200).status  # fmt: skip
+
+    status = with_carbon("grid_gco2_per_kwh")
+    joules = float(status["energyPerRequestJoules"])  # 2 J (test_cpu_energy_from_the_busy_seconds)
+    # 2 J = 2 / 3.6e6 kWh, at 360 g/kWh: 0.0002 g.
+    assert float(status["carbonPerRequestGrams"]) == pytest.approx(joules * 360 / 3.6e6, rel=0.01)
+    # A series with no data is unknown: no carbon figure, not a zero.
+    unknown = with_carbon("grid_gco2_per_kwh_of_nowhere")
+    assert "carbonPerRequestGrams" not in unknown and "energyPerRequestJoules" in unknown

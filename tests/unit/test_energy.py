@@ -13,7 +13,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from served import Series
 from terrace_operator.energy import (
     CpuPowerModel,
+    EnergyEstimate,
     EnergyMetrics,
+    carbon_grams,
     estimate,
     format_joules,
     tier_energy,
@@ -146,3 +148,19 @@ def test_energy_metrics_export():
     labels = '{namespace="demo",source="gpu-agent",tier="big"}'
     assert f"terrace_tier_energy_per_request_joules{labels} 10.0" in text
     assert f"terrace_tier_energy_per_token_joules{labels} 2.0" in text
+
+
+def test_carbon_is_energy_times_intensity_and_unknown_leaves_no_figure():
+    e = EnergyEstimate(joules=3.6e6, requests=1000, tokens=200_000, source="runtime")
+    grams = carbon_grams(e, 400.0)  # 3.6 kJ a request = 0.001 kWh: 0.4 g; 18 J a token
+    assert grams is not None and grams[0] == pytest.approx(0.4)
+    assert grams[1] == pytest.approx(18 * 1000 * 400 / 3.6e6)
+    assert carbon_grams(e, None) is None and carbon_grams(e, math.nan) is None
+    registry = CollectorRegistry()
+    metrics = EnergyMetrics(registry)
+    metrics.record("demo", "t", e, 400.0)
+    assert 'terrace_tier_carbon_per_request_grams{namespace="demo",tier="t"} 0.4' in (
+        generate_latest(registry).decode()
+    )
+    metrics.record("demo", "t", e, None)  # the grid went quiet: no stale 0.4 either
+    assert "terrace_tier_carbon_per_request_grams{" not in generate_latest(registry).decode()
