@@ -656,10 +656,14 @@ def batch_deployment(
     mounts: list[dict] = []
     if b is not None:
         args += ["--slots", str(b.slots), "--max-window-seconds", str(b.max_window_hours * 3600)]
+        prometheus = (b.signal.prometheus_url if b.signal else None) or settings.prometheus_url
+        if prometheus and (b.signal is not None or settings.carbon_intensity_query):
+            args += ["--prometheus", prometheus]
         if b.signal is not None:
-            prometheus = b.signal.prometheus_url or settings.prometheus_url or ""
-            args += ["--prometheus", prometheus, "--signal", b.signal.query,
-                     "--threshold", b.signal.threshold]  # fmt: skip
+            args += ["--signal", b.signal.query, "--threshold", b.signal.threshold]
+        if prometheus and settings.carbon_intensity_query:
+            # Grams of CO2 per batch, with the operator's own intensity series.
+            args += ["--carbon-query", settings.carbon_intensity_query]
         if b.postgres_url_secret_ref is not None:
             ref = b.postgres_url_secret_ref
             env.append(

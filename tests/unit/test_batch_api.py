@@ -186,9 +186,13 @@ def test_an_expired_window_marks_unfinished_lines(servers, stubs, router, tmp_pa
 def test_lines_wait_while_the_grid_is_dirty_and_flow_when_it_is_clean(
     servers, stubs, router, tmp_path, prom
 ):
-    prom.show({GRID: 450.0})
+    intensity = ("grid_intensity_gco2_per_kwh_now", "gauge", ())
+    energy = {("terrace_tier_energy_per_request_joules", "gauge",
+               (("namespace", "demo"), ("source", "runtime"), ("tier", t))): j
+              for t, j in (("small", 2.0), ("large", 30.0))}  # fmt: skip
+    prom.show({GRID: 450.0, intensity: 360.0, **energy})
     c = serve_batch(servers, f"sqlite:///{tmp_path / 'b.db'}", router, prometheus=prom.url,
-                    signal=GRID[0], threshold=300)  # fmt: skip
+                    signal=GRID[0], threshold=300, carbon_query=intensity[0])  # fmt: skip
     batch = c.batches.create(input_file_id=upload(c, jsonl(20)), endpoint="/v1/chat/completions",
                              completion_window="1h")  # type: ignore[arg-type]  # fmt: skip
     # Dirty: ten worker passes (each read the signal) and nothing goes out.
@@ -205,6 +209,13 @@ def test_lines_wait_while_the_grid_is_dirty_and_flow_when_it_is_clean(
     done = wait_status(c, batch.id, "completed", 60)
     assert done.request_counts.completed == 20
     assert metric(c, "terrace_batch_lines_released_total") == 20
+    # What it cost: each line at its serving tier's energy per request, at 360 g/kWh.
+    served = {name: len(stubs[name][0].requests) for name in ("small", "large")}
+    joules = 2.0 * served["small"] + 30.0 * served["large"]
+    cost = done.model_extra["terrace"]
+    assert cost["lines_measured"] == cost["lines_with_carbon"] == 20
+    assert cost["energy_joules"] == pytest.approx(joules)
+    assert cost["co2_grams"] == pytest.approx(joules / 3.6e6 * 360, rel=1e-3)
 
 
 def test_the_router_serves_the_batch_api_on_its_own_address(servers, stubs, tmp_path):

@@ -338,7 +338,9 @@ def test_a_router_with_batch_gets_terrace_batch_on_a_claim_and_forwards_to_it() 
         auth={"apiKeySecretRef": {"name": "router-keys"}},
         batch={"signal": {"query": "grid_gco2", "threshold": "300"}, "maxWindowHours": 48},
     )
-    settings = OperatorSettings(prometheus_url="http://prom:9090")
+    settings = OperatorSettings(
+        prometheus_url="http://prom:9090", carbon_intensity_query="grid_intensity"
+    )
     dep = ch.batch_deployment(ROUTER, spec, settings)
     valid(dep)
     c = container(dep)
@@ -351,6 +353,7 @@ def test_a_router_with_batch_gets_terrace_batch_on_a_claim_and_forwards_to_it() 
     assert args["--max-window-seconds"] == str(48 * 3600)
     assert (args["--signal"], args["--threshold"]) == ("grid_gco2", "300")
     assert args["--prometheus"] == "http://prom:9090"  # the operator's, by default
+    assert args["--carbon-query"] == "grid_intensity"  # the operator's, for CO2 per batch
     assert args["--api-keys-file"] == "/etc/terrace-auth/api-keys"  # clients' keys, and its own
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["store"]["persistentVolumeClaim"] == {"claimName": "router-batch"}

@@ -92,6 +92,14 @@ def batch_object(row: dict, counts: object) -> dict:
         "request_counts": {"total": total, "completed": completed, "failed": failed},
         "metadata": meta,
     }
+    # Terrace's extension (the openai client keeps unknown fields): what the
+    # answered lines cost, as far as the tiers' energy and the grid were known.
+    out["terrace"] = {
+        "energy_joules": round(row["joules"], 3),
+        "co2_grams": round(row["grams_co2"], 6),
+        "lines_measured": row["lines_measured"],
+        "lines_with_carbon": row["lines_with_carbon"],
+    }
     for stamp in (
         "in_progress_at",
         "expires_at",

@@ -56,6 +56,9 @@ class BatchSettings(BaseSettings):
     prometheus: str | None = None
     signal: str | None = Field(default=None, description="PromQL of the grid signal")
     threshold: float | None = None
+    carbon_query: str | None = Field(
+        default=None, description="PromQL of the grid's intensity in gCO2/kWh, for batch CO2"
+    )
     slots: int = Field(default=8, ge=1, le=1024)
     interval_seconds: float = Field(default=1.0, gt=0)
     lease_seconds: float = Field(default=120.0, gt=0)
@@ -78,12 +81,16 @@ def _first_key(path: str | None) -> str | None:
 
 def create_service(settings: BatchSettings) -> Starlette:
     """The Batch API app; its lifespan runs the worker."""
-    if settings.signal and not settings.prometheus:
-        raise ValueError("a grid signal needs a Prometheus URL (--prometheus)")
+    if (settings.signal or settings.carbon_query) and not settings.prometheus:
+        raise ValueError("a grid signal or carbon query needs a Prometheus URL (--prometheus)")
     if settings.signal and settings.threshold is None:
         raise ValueError("a grid signal needs a threshold (--threshold)")
     keys = ApiKeys.from_config(AuthConfig(api_keys_file=settings.api_keys_file))
-    grid = GridSignal(settings.prometheus, settings.signal) if settings.signal else None
+    grid = (
+        GridSignal(settings.prometheus, settings.signal, carbon_query=settings.carbon_query)
+        if settings.prometheus
+        else None
+    )
     store = Store(settings.store)
     router_key = settings.router_api_key or _first_key(settings.api_keys_file)
     metrics = BatchMetrics()

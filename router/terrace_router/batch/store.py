@@ -62,8 +62,12 @@ batches = sa.Table(
     sa.Column("failed_at", sa.Integer, nullable=True),
     sa.Column("output_file_id", sa.String(64), nullable=True),
     sa.Column("error_file_id", sa.String(64), nullable=True),
+    # Energy and emissions of the lines answered so far, as far as known: the
+    # serving tier's energy per request at the time, times the grid's intensity.
     sa.Column("joules", sa.Float, nullable=False, default=0.0),
-    sa.Column("grams_co2", sa.Float, nullable=True),
+    sa.Column("grams_co2", sa.Float, nullable=False, default=0.0),
+    sa.Column("lines_measured", sa.Integer, nullable=False, default=0),  # with a known energy
+    sa.Column("lines_with_carbon", sa.Integer, nullable=False, default=0),  # and intensity
 )
 
 lines = sa.Table(
@@ -198,6 +202,9 @@ class Store:
                     expires_at=now + window_seconds,
                     in_progress_at=now,
                     joules=0.0,
+                    grams_co2=0.0,
+                    lines_measured=0,
+                    lines_with_carbon=0,
                 )
             )
             c.execute(
@@ -267,9 +274,15 @@ class Store:
             return [dict(r) for r in c.execute(q.order_by(batches.c.seq)).mappings()]
 
     def add_energy(self, batch_id: str, joules: float, grams: float | None) -> None:
-        values: dict[str, Any] = {"joules": batches.c.joules + joules}
+        """One answered line's energy, and its emissions when the grid's
+        intensity was known."""
+        values: dict[str, Any] = {
+            "joules": batches.c.joules + joules,
+            "lines_measured": batches.c.lines_measured + 1,
+        }
         if grams is not None:
-            values["grams_co2"] = sa.func.coalesce(batches.c.grams_co2, 0.0) + grams
+            values["grams_co2"] = batches.c.grams_co2 + grams
+            values["lines_with_carbon"] = batches.c.lines_with_carbon + 1
         with self.engine.begin() as c:
             c.execute(batches.update().where(batches.c.id == batch_id).values(**values))
 

@@ -53,31 +53,65 @@ class WorkerSettings:
     threshold: float | None = None  # release at or below this grid signal
 
 
-class GridSignal:
-    """One PromQL value from Prometheus (a carbon intensity, a price); None
-    when Prometheus has no usable value (unknown is never zero)."""
+ENERGY_BY_TIER = "max by (tier) (terrace_tier_energy_per_request_joules)"
+JOULES_PER_KWH = 3.6e6
 
-    def __init__(self, prometheus_url: str, query: str, timeout: float = 5.0) -> None:
+
+class GridSignal:
+    """Reads from Prometheus: the grid signal (a carbon intensity, a price),
+    the grid's carbon intensity (gCO2/kWh) and each tier's energy per
+    request (the operator's `terrace_tier_energy_per_request_joules`). A
+    value Prometheus cannot give is None: unknown, never zero."""
+
+    def __init__(
+        self,
+        prometheus_url: str,
+        query: str | None,
+        timeout: float = 5.0,
+        carbon_query: str | None = None,
+    ) -> None:
         self.query = query
+        self.carbon_query = carbon_query
         self._client = httpx.AsyncClient(base_url=prometheus_url.rstrip("/"), timeout=timeout)
 
-    async def read(self) -> float | None:
+    async def _vector(self, query: str) -> list[dict] | None:
         try:
-            r = await self._client.get("/api/v1/query", params={"query": self.query})
+            r = await self._client.get("/api/v1/query", params={"query": query})
             data = r.json()["data"]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-            log.warning("grid signal %r unreadable: %s", self.query, e)
+            log.warning("query %r unreadable: %s", query, e)
             return None
         result = data.get("result")
         if data.get("resultType") == "scalar":
-            result = [{"value": result}]
-        if not isinstance(result, list) or len(result) != 1:
-            return None
+            result = [{"metric": {}, "value": result}]
+        return result if isinstance(result, list) else None
+
+    @staticmethod
+    def _value(item: dict) -> float | None:
         try:
-            value = float(result[0]["value"][1])
+            value = float(item["value"][1])
         except (KeyError, IndexError, TypeError, ValueError):
             return None
         return value if math.isfinite(value) else None
+
+    async def _one(self, query: str | None) -> float | None:
+        result = await self._vector(query) if query else None
+        return self._value(result[0]) if result is not None and len(result) == 1 else None
+
+    async def read(self) -> float | None:
+        return await self._one(self.query)
+
+    async def carbon(self) -> float | None:
+        return await self._one(self.carbon_query)
+
+    async def energy_by_tier(self) -> dict[str, float]:
+        out = {}
+        for item in await self._vector(ENERGY_BY_TIER) or []:
+            value = self._value(item)
+            tier = (item.get("metric") or {}).get("tier")
+            if tier and value is not None:
+                out[tier] = value
+        return out
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -114,6 +148,8 @@ class Worker:
         self.tasks: set[asyncio.Task] = set()
         self.last_signal: float | None = None
         self.last_reason: dict[str, str] = {}
+        self.intensity: float | None = None  # gCO2/kWh at the last pass
+        self.energy: dict[str, float] = {}  # joules per request by tier, at the last pass
 
     async def run(self) -> None:
         try:
@@ -132,7 +168,10 @@ class Worker:
                 await self.grid.aclose()
 
     async def tick(self) -> None:
-        self.last_signal = await self.grid.read() if self.grid is not None else None
+        if self.grid is not None:
+            self.last_signal = await self.grid.read()
+            self.intensity = await self.grid.carbon()
+            self.energy = await self.grid.energy_by_tier()
         self.metrics.signal.set(math.nan if self.last_signal is None else self.last_signal)
         for batch in await asyncio.to_thread(self.store.active):
             await self._batch(batch)
@@ -215,6 +254,10 @@ class Worker:
         )
         if recorded:
             self.metrics.answered.labels(f"{r.status_code // 100}xx").inc()
+            joules = self.energy.get(r.headers.get("x-terrace-tier", ""))
+            if joules is not None and 200 <= r.status_code < 300:
+                grams = joules / JOULES_PER_KWH * self.intensity if self.intensity else None
+                await asyncio.to_thread(self.store.add_energy, line.batch_id, joules, grams)
 
     async def _finalize(self, batch_id: str, status: str, **stamps: int) -> None:
         outcomes = await asyncio.to_thread(self.store.outcomes, batch_id)
