@@ -488,6 +488,67 @@ def router_configmap(owner: Owner, config: RouterConfig) -> dict:
     )
 
 
+def _mount_api_keys(spec: TierRouterSpec, volumes: list[dict], mounts: list[dict]) -> bool:
+    """The TierRouter's API-key Secret at ROUTER_AUTH_FILE; False without auth."""
+    if not spec.auth:
+        return False
+    ref = spec.auth.api_key_secret_ref
+    volumes.append(
+        {
+            "name": "api-keys",
+            "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "api-keys"}]},
+        }
+    )
+    mounts.append({"name": "api-keys", "mountPath": ROUTER_AUTH_DIR, "readOnly": True})
+    return True
+
+
+def _scraped_deployment(
+    owner: Owner,
+    name: str,
+    labels: dict[str, str],
+    selector: dict[str, str],
+    replicas: int,
+    container: dict,
+    volumes: list[dict],
+    metrics_port: int,
+    strategy: dict | None = None,
+) -> dict:
+    """A Deployment of one container whose pods Prometheus scrapes on
+    `metrics_port` (the router's and terrace-batch's)."""
+    spec: dict = {
+        "replicas": replicas,
+        "selector": {"matchLabels": selector},
+        "revisionHistoryLimit": 3,
+        "template": {
+            "metadata": {
+                "labels": labels,
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(metrics_port),
+                    "prometheus.io/path": "/metrics",
+                },
+            },
+            "spec": {
+                "containers": [container],
+                "volumes": volumes,
+                "enableServiceLinks": False,
+                "automountServiceAccountToken": False,
+            },
+        },
+    }
+    if strategy is not None:
+        spec["strategy"] = strategy
+    return _finish(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(owner, name, labels),
+            "spec": spec,
+        }
+    )
+
+
 def router_deployment(owner: Owner, spec: TierRouterSpec, settings: OperatorSettings) -> dict:
     name = owner.name
     # The whole ConfigMap is mounted as a directory (no subPath) so the
@@ -495,18 +556,7 @@ def router_deployment(owner: Owner, spec: TierRouterSpec, settings: OperatorSett
     # the pod template carries no config hash, so a table change restarts nothing.
     volumes: list[dict] = [{"name": "routing", "configMap": {"name": router_configmap_name(name)}}]
     mounts: list[dict] = [{"name": "routing", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True}]
-    if spec.auth:
-        ref = spec.auth.api_key_secret_ref
-        volumes.append(
-            {
-                "name": "api-keys",
-                "secret": {
-                    "secretName": ref.name,
-                    "items": [{"key": ref.key, "path": "api-keys"}],
-                },
-            }
-        )
-        mounts.append({"name": "api-keys", "mountPath": ROUTER_AUTH_DIR, "readOnly": True})
+    _mount_api_keys(spec, volumes, mounts)
     if spec.classifier.config_map_name:
         volumes.append(
             {"name": "classifier", "configMap": {"name": spec.classifier.config_map_name}}
@@ -543,36 +593,11 @@ def router_deployment(owner: Owner, spec: TierRouterSpec, settings: OperatorSett
     if resources:
         container["resources"] = resources
 
-    labels = router_labels(name)
-    return _finish(
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": _meta(owner, name, labels),
-            "spec": {
-                # The router is not autoscaled, so the operator owns its replicas.
-                "replicas": spec.replicas,
-                "selector": {"matchLabels": router_selector(name)},
-                "revisionHistoryLimit": 3,
-                "template": {
-                    "metadata": {
-                        "labels": labels,
-                        "annotations": {
-                            "prometheus.io/scrape": "true",
-                            "prometheus.io/port": str(ROUTER_CONTAINER_PORT),
-                            "prometheus.io/path": "/metrics",
-                        },
-                    },
-                    "spec": {
-                        "containers": [container],
-                        "volumes": volumes,
-                        "enableServiceLinks": False,
-                        "automountServiceAccountToken": False,
-                    },
-                },
-            },
-        }
-    )
+    # The router is not autoscaled, so the operator owns its replicas.
+    return _scraped_deployment(
+        owner, name, router_labels(name), router_selector(name), spec.replicas,
+        container, volumes, ROUTER_CONTAINER_PORT,
+    )  # fmt: skip
 
 
 def router_service(owner: Owner, spec: TierRouterSpec) -> dict:
@@ -676,15 +701,7 @@ def batch_deployment(
             args += ["--store", f"sqlite:///{BATCH_DATA_DIR}/batches.db"]
             volumes.append({"name": "store", "persistentVolumeClaim": {"claimName": name}})
             mounts.append({"name": "store", "mountPath": BATCH_DATA_DIR})
-    if spec.auth:
-        ref = spec.auth.api_key_secret_ref
-        volumes.append(
-            {
-                "name": "api-keys",
-                "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "api-keys"}]},
-            }
-        )
-        mounts.append({"name": "api-keys", "mountPath": ROUTER_AUTH_DIR, "readOnly": True})
+    if _mount_api_keys(spec, volumes, mounts):
         args += ["--api-keys-file", ROUTER_AUTH_FILE]
     container: dict = {
         "name": "batch",
@@ -700,36 +717,17 @@ def batch_deployment(
     if env:
         container["env"] = env
     sqlite = b is None or b.postgres_url_secret_ref is None
-    labels = batch_labels(owner.name)
-    return _finish(
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": _meta(owner, name, labels),
-            "spec": {
-                "replicas": replicas if replicas is not None else (b.replicas if b else 0),
-                "selector": {"matchLabels": batch_selector(owner.name)},
-                # One SQLite file on a ReadWriteOnce claim: never two pods at once.
-                "strategy": {"type": "Recreate"} if sqlite else {"type": "RollingUpdate"},
-                "revisionHistoryLimit": 3,
-                "template": {
-                    "metadata": {
-                        "labels": labels,
-                        "annotations": {
-                            "prometheus.io/scrape": "true",
-                            "prometheus.io/port": str(BATCH_PORT),
-                            "prometheus.io/path": "/metrics",
-                        },
-                    },
-                    "spec": {
-                        "containers": [container],
-                        "volumes": volumes,
-                        "enableServiceLinks": False,
-                        "automountServiceAccountToken": False,
-                    },
-                },
-            },
-        }
+    return _scraped_deployment(
+        owner,
+        name,
+        batch_labels(owner.name),
+        batch_selector(owner.name),
+        replicas if replicas is not None else (b.replicas if b else 0),
+        container,
+        volumes,
+        BATCH_PORT,
+        # One SQLite file on a ReadWriteOnce claim: never two pods at once.
+        {"type": "Recreate"} if sqlite else {"type": "RollingUpdate"},
     )
 
 
