@@ -29,6 +29,13 @@ from .workqueue import WorkQueue
 log = logging.getLogger("terrace_operator")
 
 
+# Ready=False reasons that only wait for the cluster (pods starting, the
+# Deployment controller catching up): looked at again soon even if a watch
+# event is missed, instead of waiting for the resync.
+WAITING = frozenset({"Progressing", "PodsNotReady", "DeploymentMissing"})
+RECHECK_SECONDS = 10.0
+
+
 class Conflict(Exception):
     """A child with our name exists but is not ours: refuse to adopt it."""
 
@@ -153,7 +160,12 @@ class Controller:
         await self.client.event(body, reason, message, type, now=now_rfc3339())
 
     async def write_status(self, body: dict, status: dict) -> None:
-        """The only status write of this kind: the whole status, one manager."""
+        """The only status write of this kind: the whole status, one manager.
+        An object left waiting on the cluster is looked at again in
+        RECHECK_SECONDS."""
+        ready = get_condition(status.get("conditions"), "Ready") or {}
+        if ready.get("status") == "False" and ready.get("reason") in WAITING:
+            self.queue.add_after(Key.of(body), RECHECK_SECONDS)
         if not status_differs(status, body.get("status")):
             return
         meta = body["metadata"]

@@ -63,6 +63,10 @@ class WorkQueue:
         """The key succeeded: its next failure starts the backoff afresh."""
         self._failures.pop(key, None)
 
+    def scheduled(self, key: Hashable) -> bool:
+        """Whether `key` waits in the queue or on a timer."""
+        return key in self._dirty or key in self._timers
+
     def failures(self, key: Hashable) -> int:
         return self._failures.get(key, 0)
 

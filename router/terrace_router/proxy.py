@@ -285,7 +285,7 @@ class Proxy:
         limit = state.config.flex_max_load
         decision = policy.decide_flex(loads, limit, state.escalation, pinned)
         if decision is None:
-            raise RouterError(
+            err = RouterError(
                 429,
                 f"service_tier flex: every tier that could serve it is above {limit:.0%} of its "
                 "in-flight capacity; flex requests are shed first. Retry later, or send it "
@@ -295,6 +295,8 @@ class Proxy:
                 code="resource_unavailable",
                 retry_after=1,
             )
+            err.extra_headers = _decision_headers("none", "flex", [])
+            raise err
         return decision
 
     async def _score(self, state: RouterState, text: str) -> float:

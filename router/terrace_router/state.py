@@ -109,7 +109,7 @@ class RouterState:
         *,
         classifier: Any,
         calibrator: Any,
-        endpoints: dict[str, Endpoint] | None = None,
+        endpoints: dict[tuple[str, str], Endpoint] | None = None,
         share: ShareTracker | None = None,
     ) -> None:
         self.config = config
@@ -131,7 +131,11 @@ class RouterState:
         self.tiers: list[Tier] = []
         self.openai_tiers: list[Tier] = []
         for tc in config.tiers:
-            eps = [reuse.get(normalize_base_url(u)) or Endpoint(u) for u in tc.endpoints]
+            # Carried over per (tier, URL): two tiers on one URL keep their own
+            # in-flight counts and health, as they had before the reload.
+            eps = [
+                reuse.get((tc.name, normalize_base_url(u))) or Endpoint(u) for u in tc.endpoints
+            ]
             pool = TierPool(
                 eps,
                 max_inflight=tc.max_inflight_per_endpoint,
@@ -175,7 +179,7 @@ class RouterState:
         endpoints = None
         share = None
         if previous is not None:
-            endpoints = {ep.base: ep for t in previous.tiers for ep in t.pool.endpoints}
+            endpoints = previous.endpoints()
             share = previous.share
         return cls(
             config, classifier=classifier, calibrator=calibrator, endpoints=endpoints, share=share
@@ -190,5 +194,6 @@ class RouterState:
             return tier_for_score(score, self.thresholds)
         return min(max(int(self.calibrator.route(score, n)), 0), n - 1)
 
-    def endpoints(self) -> dict[str, Endpoint]:
-        return {ep.base: ep for t in self.tiers for ep in t.pool.endpoints}
+    def endpoints(self) -> dict[tuple[str, str], Endpoint]:
+        """Every endpoint by (tier name, base URL)."""
+        return {(t.name, ep.base): ep for t in self.tiers for ep in t.pool.endpoints}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import time
 from typing import Any
@@ -138,12 +139,17 @@ def test_bad_files_and_bad_batches_get_400s_naming_the_parameter(servers, router
                             completion_window="72h").completion_window == "72h"  # type: ignore[arg-type]  # fmt: skip
     with pytest.raises(openai.NotFoundError):
         c.batches.retrieve("batch_nope")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.batches.list(after="batch_nope")  # a stale cursor is an error, not page one again
+    assert e.value.body["param"] == "after"
+    bom = upload(c, b"\xef\xbb\xbf" + jsonl(1))  # a byte-order mark is fine
+    assert c.files.retrieve(bom).bytes == len(jsonl(1)) + 3
     assert c.files.delete(good).deleted
     with pytest.raises(openai.NotFoundError):
         c.files.retrieve(good)
 
 
-def test_cancel_stops_releasing_lines(servers, stubs, router, tmp_path):
+def test_cancel_stops_releasing_lines_and_keeps_what_was_answered(servers, stubs, router, tmp_path):
     gate = threading.Event()
     for name in ("small", "large"):
         stubs[name][0].gate = gate
@@ -154,13 +160,20 @@ def test_cancel_stops_releasing_lines(servers, stubs, router, tmp_path):
     while sum(stubs[n][0].inflight for n in ("small", "large")) < 4:
         assert time.monotonic() < deadline, "four lines never reached the tiers"
         time.sleep(0.02)
-    assert c.batches.cancel(batch.id).status in ("cancelling", "cancelled")
-    ended = wait_status(c, batch.id, "cancelled")
+    assert c.batches.cancel(batch.id).status == "cancelling"
+    # The four in flight are waited for (OpenAI's "cancelling"), nothing else goes out.
+    until = passes(c) + 5
+    while passes(c) < until:
+        time.sleep(0.02)
+    assert c.batches.retrieve(batch.id).status == "cancelling"
     gate.set()
+    ended = wait_status(c, batch.id, "cancelled")
     sent = sum(len(stubs[n][0].requests) for n in ("small", "large"))
     assert sent == 4, "no line went out after the cancel"
+    assert len(lines_of(c, ended.output_file_id)) == 4  # computed answers are kept
     errors = lines_of(c, ended.error_file_id)
-    assert len(errors) >= 46 and {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert len(errors) == 46 and {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert (ended.request_counts.completed, ended.request_counts.failed) == (4, 46)
     with pytest.raises(openai.ConflictError):
         c.batches.cancel(batch.id)
 
@@ -169,7 +182,8 @@ def test_an_expired_window_marks_unfinished_lines(servers, stubs, router, tmp_pa
     gate = threading.Event()  # never opened: nothing is answered in time
     for name in ("small", "large"):
         stubs[name][0].gate = gate
-    c = serve_batch(servers, f"sqlite:///{tmp_path / 'b.db'}", router, slots=2)
+    # Lines in flight at the end are waited for until their lease runs out.
+    c = serve_batch(servers, f"sqlite:///{tmp_path / 'b.db'}", router, slots=2, lease_seconds=1)
     try:
         batch = c.batches.create(input_file_id=upload(c, jsonl(10)),
                                  endpoint="/v1/chat/completions",
@@ -235,6 +249,17 @@ def test_the_router_serves_the_batch_api_on_its_own_address(servers, stubs, tmp_
         front.batches.retrieve("batch_nope")  # the batch service's own 404, relayed
     with pytest.raises(openai.AuthenticationError):
         client(str(front.base_url)[:-4], key="wrong").batches.list()  # the router's keys first
+    # A declared size over the limit is refused at once, from the header
+    # (the client has sent 1 byte of the 300 MB it announced).
+    host, port = str(front.base_url).split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + KEY.encode()
+            + b"\r\ncontent-type: multipart/form-data; boundary=b\r\n"
+            + f"content-length: {300 * 1024 * 1024}\r\n\r\nx".encode()
+        )  # fmt: skip
+        head = sock.recv(65536).decode("latin-1")
+    assert head.startswith("HTTP/1.1 413") and '"param": "file"' in head
     # A router without spec.batch says so; one whose batch service is gone, 503.
     with pytest.raises(openai.NotFoundError) as e:
         client(plain).batches.list()

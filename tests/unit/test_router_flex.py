@@ -68,6 +68,9 @@ def test_flex_takes_spare_capacity_only_and_is_shed_first(stubs, servers):
     assert {r.headers["x-terrace-complexity"] for r in flex} == {"flex"}
     assert [r.headers["x-terrace-tier"] for r in interactive] == ["large", "large"]
     assert shed.status_code == 429 and shed.headers["retry-after"] == "1"
+    assert (shed.headers["x-terrace-tier"], shed.headers["x-terrace-complexity"]) == (
+        "none", "flex"
+    )  # fmt: skip
     err = shed.json()["error"]
     assert (err["param"], err["code"]) == ("service_tier", "resource_unavailable")
     assert len(small.requests) == 2 and len(large.requests) == 4  # the shed one reached no tier

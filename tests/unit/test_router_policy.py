@@ -331,3 +331,27 @@ def test_check_command_validates_a_file(tmp_path, capsys):
     bad.write_text("tiers: []\n")
     assert main(["check", "--config", str(bad)]) == 2
     assert "invalid routing table" in capsys.readouterr().err
+
+
+def test_two_tiers_on_one_url_keep_their_own_endpoints_across_a_reload():
+    """A reload carries each endpoint's in-flight count and health over, per
+    tier: two tiers served by one URL never start sharing one count."""
+    from terrace_router.config import RouterConfig
+    from terrace_router.state import RouterState
+
+    cfg = RouterConfig.model_validate(
+        {
+            "tiers": [
+                {"name": "a", "endpoints": ["http://127.0.0.1:1"]},
+                {"name": "b", "endpoints": ["http://127.0.0.1:1"]},
+            ],
+            "calibration": {"thresholds": [0.5]},
+        }
+    )
+    first = RouterState.build(cfg)
+    (ea,), (eb,) = (t.pool.endpoints for t in first.tiers)
+    assert ea is not eb
+    ea.inflight = 3
+    again = RouterState.build(cfg, previous=first)
+    assert [t.pool.endpoints[0] for t in again.tiers] == [ea, eb]
+    assert [t.pool.load() for t in again.tiers] == [3 / 64, 0.0]

@@ -42,7 +42,14 @@ def conditions(kube: RecordingKube, path: str = TIER) -> dict[str, dict]:
 
 def test_a_new_tier_gets_its_children_one_event_and_one_status_write():
     controller, kube, key = setup(tier_body(replicas={"min": 2, "max": 3}))
-    sync(controller, key)
+
+    async def first() -> bool:
+        await controller.sync(key)
+        # Waiting on the Deployment controller: looked at again soon, even if
+        # a watch event is missed.
+        return controller.queue.scheduled(key)
+
+    assert asyncio.run(first())
     deployment = kube.objects[DEPLOYMENT]
     assert deployment["spec"]["replicas"] == 2  # starts at min
     assert {p for _, p, _ in kube.writes} >= {

@@ -179,6 +179,9 @@ def create_batch_app(
         if order not in ("asc", "desc"):
             raise bad_request("order must be asc or desc", "order")
         limit = _limit(request, 100)
+        after = request.query_params.get("after")
+        if after is not None and await run(store.file, after) is None:
+            raise bad_request(f"after: no file {after!r} to continue from", "after")
         rows = await run(
             store.files,
             request.query_params.get("purpose"),
@@ -255,7 +258,10 @@ def create_batch_app(
 
     async def list_batches(request: Request) -> Response:
         limit = _limit(request)
-        rows = await run(store.batches, request.query_params.get("after"), limit + 1)
+        after = request.query_params.get("after")
+        if after is not None and await run(store.batch, after) is None:
+            raise bad_request(f"after: no batch {after!r} to continue from", "after")
+        rows = await run(store.batches, after, limit + 1)
         data = [batch_object(r, await run(store.counts, r["id"])) for r in rows]
         return JSONResponse(_page(data, limit))
 

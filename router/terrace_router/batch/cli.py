@@ -1,5 +1,7 @@
-"""`terrace-batch`: OpenAI's Batch API for Terrace, and the worker that
-releases each batch's lines to a TierRouter when the grid is clean.
+"""`terrace-batch`: OpenAI's Batch API for a TierRouter, released into clean hours.
+
+It serves the Files and Batch APIs and runs the worker that releases each
+batch's lines to the router when the grid is clean, never past the window.
 
     terrace-batch --router http://router.demo.svc:8080 \
         --store sqlite:////var/lib/terrace-batch/batches.db --port 8090
@@ -45,26 +47,33 @@ log = logging.getLogger("terrace.batch")
 class BatchSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TERRACE_BATCH_", extra="ignore")
 
-    store: str = Field(default="sqlite:///terrace-batch.db", description="SQLAlchemy URL")
-    router: str = Field(description="the TierRouter's base URL, where lines are sent")
+    store: str = Field(
+        default="sqlite:///terrace-batch.db",
+        description="SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB",
+    )
+    router: str = Field(description="the TierRouter's base URL, where lines are sent (required)")
     router_api_key: str | None = Field(
         default=None, description="key sent to the router; default: the first of api_keys_file"
     )
     api_keys_file: str | None = Field(default=None, description="keys clients must send")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8090, ge=0, le=65535)
-    prometheus: str | None = None
-    signal: str | None = Field(default=None, description="PromQL of the grid signal")
-    threshold: float | None = None
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8090, ge=0, le=65535, description="port (0: any free one, logged)")
+    prometheus: str | None = Field(default=None, description="Prometheus base URL")
+    signal: str | None = Field(default=None, description="PromQL of the grid signal (one value)")
+    threshold: float | None = Field(default=None, description="release at or below this signal")
     carbon_query: str | None = Field(
         default=None, description="PromQL of the grid's intensity in gCO2/kWh, for batch CO2"
     )
-    slots: int = Field(default=8, ge=1, le=1024)
-    interval_seconds: float = Field(default=1.0, gt=0)
-    lease_seconds: float = Field(default=120.0, gt=0)
-    min_window_seconds: int = Field(default=3600, ge=1)
-    max_window_seconds: int = Field(default=72 * 3600, ge=1)
-    log_level: str = "INFO"
+    slots: int = Field(default=8, ge=1, le=1024, description="lines of a batch in flight at most")
+    interval_seconds: float = Field(default=1.0, gt=0, description="seconds between worker passes")
+    lease_seconds: float = Field(
+        default=120.0, gt=0, description="a claimed, unanswered line returns after this"
+    )
+    min_window_seconds: int = Field(default=3600, ge=1, description="shortest completion_window")
+    max_window_seconds: int = Field(
+        default=72 * 3600, ge=1, description="longest completion_window"
+    )
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING")
 
 
 def _first_key(path: str | None) -> str | None:
@@ -107,18 +116,19 @@ def create_service(settings: BatchSettings) -> Starlette:
         grid,
         metrics,
     )
-    headers = (
-        {"authorization": f"Bearer {settings.router_api_key}"} if settings.router_api_key else {}
-    )
+    headers = {"authorization": f"Bearer {router_key}"} if router_key else {}
 
     async def models() -> set[str] | None:
         """What the router serves (its /v1/models), for the unknown-model check."""
         try:
             async with httpx.AsyncClient(timeout=10) as c:
                 r = await c.get(f"{settings.router.rstrip('/')}/v1/models", headers=headers)
-            return {m["id"] for m in r.json()["data"]} if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            return None
+            if r.status_code == 200:
+                return {m["id"] for m in r.json()["data"]}
+            log.warning("cannot check models: the router's /v1/models said %s", r.status_code)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            log.warning("cannot check models: %s", e)
+        return None
 
     app = create_batch_app(
         store, keys, models, (settings.min_window_seconds, settings.max_window_seconds)
@@ -150,8 +160,11 @@ def create_service(settings: BatchSettings) -> Starlette:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="terrace-batch", description=__doc__.split("\n")[0])
-    for name in BatchSettings.model_fields:
-        p.add_argument("--" + name.replace("_", "-"), dest=name)
+    for name, field in BatchSettings.model_fields.items():
+        default = "" if field.is_required() else f" (default: {field.default})"
+        p.add_argument(
+            "--" + name.replace("_", "-"), dest=name, help=(field.description or name) + default
+        )
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     try:
         settings = BatchSettings(**args)
@@ -160,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         app = create_service(settings)
+        # One line per request sent is only useful when debugging.
+        logging.getLogger("httpx").setLevel(
+            logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING
+        )
     except (ValidationError, ValueError) as e:
         print(f"terrace-batch: invalid settings: {e}", file=sys.stderr)
         return 2

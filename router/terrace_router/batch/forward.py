@@ -17,8 +17,10 @@ from starlette.responses import Response
 from .. import upstream
 from ..errors import RouterError
 from ..state import RouterState
+from .jsonl import MAX_BYTES
 
 HEADERS = ("content-type", "authorization", "accept")
+UPLOAD_OVERHEAD = 1024 * 1024  # multipart framing around a file of MAX_BYTES
 # The Batch API's paths and methods (batch/api.py serves them).
 BATCH_ROUTES = (
     ("/v1/files", ["GET", "POST"]),
@@ -45,6 +47,10 @@ async def forward(
         )
     if client is None:
         raise RouterError(503, "the router is starting", type="server_error", retry_after=1)
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > MAX_BYTES + UPLOAD_OVERHEAD:
+        # Said at once, from the header: not after streaming 200 MB on.
+        raise RouterError(413, f"a file may hold at most {MAX_BYTES} bytes", param="file")
     target = upstream.url(base.rstrip("/"), request.url.path).with_query(request.url.query)
     headers = {h: request.headers[h] for h in HEADERS if h in request.headers}
     try:

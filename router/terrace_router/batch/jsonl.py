@@ -40,7 +40,7 @@ def parse(content: bytes) -> list[Request]:
     if len(content) > MAX_BYTES:
         raise BatchFileError(f"the file is {len(content)} bytes; the limit is {MAX_BYTES}")
     try:
-        text = content.decode("utf-8")
+        text = content.decode("utf-8-sig")  # a leading byte-order mark is fine
     except UnicodeDecodeError as e:
         raise BatchFileError(f"the file is not UTF-8 text ({e.reason} at byte {e.start})") from e
     requests: list[Request] = []

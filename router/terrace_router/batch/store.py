@@ -360,11 +360,17 @@ class Store:
             )
 
     def end_unfinished(self, batch_id: str, state: str, error: dict) -> int:
-        """Every line not done: `expired` or `cancelled`, with that error."""
+        """Every line never sent (pending, or claimed by a worker whose lease
+        ran out): `expired` or `cancelled`, with that error. Lines in flight
+        are left to finish."""
+        unsent = sa.or_(
+            lines.c.state == "pending",
+            sa.and_(lines.c.state == "running", lines.c.lease_until < time.time()),
+        )
         with self.engine.begin() as c:
             r = c.execute(
                 lines.update()
-                .where(lines.c.batch_id == batch_id, lines.c.state.in_(("pending", "running")))
+                .where(lines.c.batch_id == batch_id, unsent)
                 .values(state=state, error=json.dumps(error), finished_at=time.time())
             )
             return r.rowcount

@@ -179,13 +179,18 @@ class Worker:
 
     async def _batch(self, batch: dict) -> None:
         batch_id, now = batch["id"], time.time()
+        ending = None
         if batch["status"] == "cancelling":
-            await asyncio.to_thread(self.store.end_unfinished, batch_id, "cancelled", CANCELLED)
-            await self._finalize(batch_id, "cancelled", cancelled_at=int(now))
-            return
-        if now >= batch["expires_at"]:
-            await asyncio.to_thread(self.store.end_unfinished, batch_id, "expired", EXPIRED)
-            await self._finalize(batch_id, "expired", expired_at=int(now))
+            ending = ("cancelled", CANCELLED, {"cancelled_at": int(now)})
+        elif now >= batch["expires_at"]:
+            ending = ("expired", EXPIRED, {"expired_at": int(now)})
+        if ending is not None:
+            # Nothing more goes out; lines already sent are waited for (until
+            # their lease ends), so an answer that was computed is kept.
+            state, error, stamps = ending
+            await asyncio.to_thread(self.store.end_unfinished, batch_id, state, error)
+            if await asyncio.to_thread(self.store.in_flight, batch_id) == 0:
+                await self._finalize(batch_id, state, **stamps)
             return
         counts = await asyncio.to_thread(self.store.counts, batch_id)
         if counts.pending == 0:
