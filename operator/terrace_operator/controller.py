@@ -30,10 +30,10 @@ log = logging.getLogger("terrace_operator")
 
 
 # Ready=False reasons that only wait for the cluster (pods starting, the
-# Deployment controller catching up): looked at again soon even if a watch
-# event is missed, instead of waiting for the resync.
+# Deployment controller catching up): looked at again soon, with the
+# Deployment read from the API server, even if a watch event is missed.
 WAITING = frozenset({"Progressing", "PodsNotReady", "DeploymentMissing"})
-RECHECK_SECONDS = 10.0
+RECHECK_SECONDS = 30.0
 
 
 class Conflict(Exception):
@@ -165,6 +165,10 @@ class Controller:
         RECHECK_SECONDS."""
         ready = get_condition(status.get("conditions"), "Ready") or {}
         if ready.get("status") == "False" and ready.get("reason") in WAITING:
+            # Read the Deployment afresh then: a watch event that never came
+            # must not leave the cached copy, and so the status, behind.
+            meta = body["metadata"]
+            self.cache.pop(Key("Deployment", meta["namespace"], meta["name"]))
             self.queue.add_after(Key.of(body), RECHECK_SECONDS)
         if not status_differs(status, body.get("status")):
             return
