@@ -1,9 +1,10 @@
 """Desired children of a ModelTier or TierRouter, as plain dicts.
 
 Pure functions from the typed spec (api.py) and the operator settings to the
-Deployment, Service, PodDisruptionBudget and ConfigMap the operator applies
-with server-side apply. Nothing here talks to Kubernetes; controller.py
-compares these with what is there and converges.
+Deployment, Service, PodDisruptionBudget, ConfigMap and (terrace-batch's)
+PersistentVolumeClaim the operator applies with server-side apply. Nothing
+here talks to Kubernetes; tiers.py and routers.py compare these with what is
+there and converge.
 
 Naming: a tier's Deployment, Service and PodDisruptionBudget are named after
 the ModelTier; a router's Deployment and Service after the TierRouter, its

@@ -1,6 +1,6 @@
 """Pure decisions of the reconcile: compare desired with observed, say what to do.
 
-controller.py reads the cluster and applies; everything it decides comes
+tiers.py and routers.py read the cluster and apply; everything they decide comes
 from here, as plain functions over plain dicts, tested without a cluster.
 """
 

@@ -1,7 +1,7 @@
 """How many replicas a tier should run: pure, HPA-style replica math.
 
 This is where a replica count is decided. Nothing here talks to Kubernetes
-or Prometheus; `control.py` feeds observations in and patches the result.
+or Prometheus; `plan.py` feeds observations in and `tiers.py` applies the result.
 
 The rules are the Horizontal Pod Autoscaler's, so they behave the way HPA and
 KEDA users expect:

@@ -75,8 +75,20 @@ def test_install_upgrade_uninstall_leave_nothing_behind(cluster) -> None:
             out = cluster.kubectl("auth", "can-i", verb, resource, "--as", sa, "-A", check=False)
             return out.stdout.strip() == "yes"
 
-        assert can("list", "modeltiers.terrace.dev") and can("patch", "deployments.apps/scale")
+        assert can("list", "modeltiers.terrace.dev") and can("patch", "deployments.apps")
+        assert can("create", "persistentvolumeclaims")  # terrace-batch's SQLite store
         assert not can("get", "secrets") and not can("delete", "deployments.apps")
+        # Replicas are set on the Deployment itself: no scale subresource.
+        scale = cluster.kubectl("auth", "can-i", "patch", "deployments.apps",
+                                "--subresource=scale", "--as", sa, "-A", check=False)  # fmt: skip
+        assert scale.stdout.strip() == "no"
+        # The leader Lease: in the release namespace only.
+        lease = cluster.kubectl("auth", "can-i", "update", "leases.coordination.k8s.io",
+                                "--as", sa, "-n", NS, check=False)  # fmt: skip
+        assert lease.stdout.strip() == "yes"
+        elsewhere = cluster.kubectl("auth", "can-i", "update", "leases.coordination.k8s.io",
+                                    "--as", sa, "-n", "default", check=False)  # fmt: skip
+        assert elsewhere.stdout.strip() == "no"
 
         # The agent DaemonSet lands on the GPU node only.
         pods = json.loads(
@@ -106,6 +118,8 @@ def test_install_upgrade_uninstall_leave_nothing_behind(cluster) -> None:
             "--reuse-values",
             "--set",
             "operator.tickSeconds=5",
+            "--set",
+            "operator.replicas=2",  # a standby: both watch, the Lease holder acts
         )
         deploy = json.loads(
             cluster.kubectl("get", "deployment", OPERATOR, "-n", NS, "-o", "json").stdout
@@ -115,6 +129,8 @@ def test_install_upgrade_uninstall_leave_nothing_behind(cluster) -> None:
             for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
         }
         assert env["TERRACE_CONTROL_INTERVAL_SECONDS"] == "5"
+        assert env["TERRACE_LEADER_ELECTION"] == "true"
+        assert deploy["spec"]["replicas"] == 2 and deploy["status"].get("readyReplicas") == 2
         assert (
             json.loads(helm(cluster, "history", RELEASE, "-n", NS, "-o", "json").stdout)[-1][
                 "revision"
