@@ -2,8 +2,9 @@
 API server or its etcd for a while, or the operator is SIGKILLed at random
 moments while tiers and routers come, change and go.
 
-The outage tests stop and start components of the cluster they are given
-(with TERRACE_CLUSTER_DIR, of that cluster); every component is started again
+The outage tests stop and start components of a dev cluster of their own
+(started for this module and stopped after it), so no later test runs on a
+control plane that was just restarted; every component is started again
 even when a test fails. Each test has its own namespace and operator.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from devcluster import Cluster
 from operator_harness import (
     OperatorProcess,
     fresh_namespace,
@@ -97,8 +99,28 @@ def api_refuses(cluster) -> bool:
     return out.returncode != 0
 
 
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A private dev cluster whose components the outage tests restart."""
+    c = Cluster(dir=tmp_path_factory.mktemp("faults-cluster"))
+    c.up()
+    try:
+        yield c
+    finally:
+        c.down()
+
+
 @pytest.fixture
 def ns_op(cluster, tmp_path: Path) -> Iterator[tuple[str, OperatorProcess]]:
+    yield from operator_in(cluster, tmp_path)
+
+
+@pytest.fixture
+def own_ns_op(own_cluster, tmp_path: Path) -> Iterator[tuple[str, OperatorProcess]]:
+    yield from operator_in(own_cluster, tmp_path)
+
+
+def operator_in(cluster, tmp_path: Path) -> Iterator[tuple[str, OperatorProcess]]:
     """A namespace of its own and an operator (not started) watching only it."""
     install_crds(cluster)
     install_rbac(cluster)
@@ -128,8 +150,9 @@ def outage(cluster, component: str) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
-def test_operator_rides_out_a_control_plane_restart(cluster, ns_op, component: str) -> None:
-    ns, op = ns_op
+def test_operator_rides_out_a_control_plane_restart(own_cluster, own_ns_op, component: str) -> None:
+    cluster = own_cluster
+    ns, op = own_ns_op
     op.start()
     steady = ["steady-0", "steady-1", "steady-2"]
     apply(cluster, ns, *(tier_doc(ns, n) for n in steady))
