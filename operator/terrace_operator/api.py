@@ -137,6 +137,8 @@ class ModelTierStatus(_Model):
     energy_per_token_joules: str | None = None
     carbon_per_request_grams: str | None = None
     carbon_per_1k_tokens_grams: str | None = Field(default=None, alias="carbonPer1kTokensGrams")
+    demand_requests_per_second: str | None = None
+    capacity_requests_per_second: str | None = None
     last_scaling: list[ScalingEvent] | None = None
     conditions: list[Condition] | None = None
 
@@ -157,6 +159,9 @@ class Classifier(_Model):
     config_map_name: str | None = None
     target_large_share_percent: int = Field(default=30, ge=0, le=100)
     calibration_window: int = Field(default=2000, ge=10, le=1000000)
+    # Lower the share past the first tier while an upper tier is power-capped
+    # or saturated (budget.py); false keeps the target whatever the budget.
+    follow_budget: bool = True
 
 
 class Escalation(_Model):
@@ -237,4 +242,5 @@ class TierRouterStatus(_Model):
     tier_count: int | None = None
     tiers: list[RouterTierStatus] | None = None
     config_hash: str | None = None
+    effective_large_share_percent: int | None = None
     conditions: list[Condition] | None = None

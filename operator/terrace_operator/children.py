@@ -401,6 +401,7 @@ def render_router_config(
     wake_url: str | None = None,
     namespace: str = "",
     batch: str | None = None,
+    large_share: float | None = None,
 ) -> RouterConfig:
     """The routing table for the router, in terrace_router.config's own model.
 
@@ -412,10 +413,13 @@ def render_router_config(
     operator's wake endpoint (OperatorSettings.wake_url), given to the tiers
     that scale to zero. `namespace`: the TierRouter's, for those addresses.
     `batch`: its terrace-batch's URL (batch_url), when spec.batch is set.
+    `large_share`: the budget-following cut-off's share past the first tier
+    when it is below the target (budget.py), else None.
     """
     refs = {t.name: t for t in spec.tiers}
     if not tiers:
-        return _router_config(spec, [_waiting_for(ref, namespace) for ref in spec.tiers], batch)
+        waiting = [_waiting_for(ref, namespace) for ref in spec.tiers]
+        return _router_config(spec, waiting, batch, large_share)
     rendered = []
     for tier in tiers:
         ref = refs[tier.name]
@@ -437,7 +441,7 @@ def render_router_config(
                 ),
             )
         )
-    return _router_config(spec, rendered, batch)
+    return _router_config(spec, rendered, batch, large_share)
 
 
 def _waiting_for(ref: TierRef, namespace: str) -> TierConfig:
@@ -451,7 +455,10 @@ def _waiting_for(ref: TierRef, namespace: str) -> TierConfig:
 
 
 def _router_config(
-    spec: TierRouterSpec, rendered: list[TierConfig], batch: str | None
+    spec: TierRouterSpec,
+    rendered: list[TierConfig],
+    batch: str | None,
+    large_share: float | None = None,
 ) -> RouterConfig:
     c = spec.classifier
     return RouterConfig(
@@ -460,6 +467,7 @@ def _router_config(
         classifier=ClassifierConfig(model=ROUTER_CLASSIFIER_DIR if c.config_map_name else c.model),
         calibration=CalibrationConfig(
             target_large_share=c.target_large_share_percent / 100,
+            effective_large_share=large_share,
             window=c.calibration_window,
         ),
         escalation=EscalationConfig(

@@ -15,6 +15,7 @@ import kopf
 
 from . import children as ch
 from .api import GROUP, VERSION
+from .budget import BUDGET_FIELDS
 from .cache import CHILD_KINDS, OWNER_KINDS, Cache, Key
 from .conditions import get_condition
 from .controller import Controller
@@ -87,9 +88,15 @@ def _identity(obj: dict) -> tuple:
 
 def _tier_face(obj: dict) -> tuple:
     """What a router's table and status read from a ModelTier: its spec
-    (by generation) and whether it is Ready."""
-    ready = get_condition((obj.get("status") or {}).get("conditions"), "Ready") or {}
-    return (*_identity(obj)[:3], ready.get("status"))
+    (by generation), whether it is Ready, and what the budget-following
+    cut-off reads (demand, capacity, power limit; budget.py)."""
+    status = obj.get("status") or {}
+    ready = get_condition(status.get("conditions"), "Ready") or {}
+    return (
+        *_identity(obj)[:3],
+        ready.get("status"),
+        *(status.get(f) for f in BUDGET_FIELDS),
+    )
 
 
 def observe(cache: Cache, kind: str, obj: dict, deleted: bool) -> list[Key]:

@@ -9,7 +9,8 @@ conditions the tick owns (Scaling, MetricsAvailable, PowerApplied). The
 ModelTier controller (tiers.py) does the reading and writing around it.
 
 The decisions themselves are older pure functions: replicas in scaling.py
-(the HPA's algorithm), watts in power.py, joules in energy.py.
+(the HPA's algorithm), watts in power.py, joules in energy.py, the capacity
+the TierRouters' budget-following cut-off reads in budget.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from terrace_operator.agent.protocol import (
     encode_desired,
 )
 from terrace_operator.api import ModelTierSpec
+from terrace_operator.budget import Capacity, measure
 from terrace_operator.conditions import set_condition
 from terrace_operator.energy import (
     CpuPowerModel,
@@ -59,6 +61,8 @@ TICK_FIELDS = (
     "energyPerTokenJoules",
     "carbonPerRequestGrams",
     "carbonPer1kTokensGrams",
+    "demandRequestsPerSecond",
+    "capacityRequestsPerSecond",
 )
 
 
@@ -81,6 +85,7 @@ class TierMemory:
     power_nodes: frozenset[str] = frozenset()
     metrics_ok: bool | None = None
     woken: str | None = None  # when the wake endpoint brought it up, for the next status
+    capacity: Capacity | None = None  # budget.measure's last answer
     status: dict = field(default_factory=dict)  # the last tick's status part (tick_status)
 
 
@@ -95,6 +100,8 @@ class Observations:
     energy: EnergyEstimate | None = None
     error: str | None = None
     carbon_intensity: float | None = None  # gCO2/kWh now; None: unknown
+    demand_rps: float | None = None  # requests/s the router chose the tier for
+    served_rps: float | None = None  # requests/s the tier answered
 
 
 @dataclass(frozen=True)
@@ -236,16 +243,26 @@ def observe(
             error = f"{type(exc).__name__}: {exc}"
     except MetricsError as exc:
         error = f"{type(exc).__name__}: {exc}"
-    utilization = latency = None
+    utilization = latency = served = None
     if spec.device == "gpu":
         with contextlib.suppress(MetricsError):
             gpus = signals.gpus("gpuUtilization", namespace, name, nodes)
             utilization = sum(gpus) / len(gpus)
-        with contextlib.suppress(MetricsError):
-            latency = signals.tier("latencyP95", namespace, name)
+    with contextlib.suppress(MetricsError):
+        latency = signals.tier("latencyP95", namespace, name)
+    with contextlib.suppress(MetricsError):
+        served = signals.tier("rps", namespace, name)
     energy = tier_energy(signals, namespace, name, nodes, spec.device, cpu_model)
     return Observations(
-        observed, activation, utilization, latency, energy, error, signals.carbon_intensity()
+        observed,
+        activation,
+        utilization,
+        latency,
+        energy,
+        error,
+        signals.carbon_intensity(),
+        demand_rps=parts[0],
+        served_rps=served,
     )
 
 
@@ -263,11 +280,13 @@ def plan(
     memory: TierMemory,
     now: datetime,
     refresh_after_seconds: float,
+    ready: int | None = None,
 ) -> TierPlan:
     """One tick: replicas, power and energy for one tier.
 
     `status` is the tier's status now; `current` its Deployment's replicas
-    (None: no Deployment yet); `nodes` the nodes running its pods;
+    (None: no Deployment yet) and `ready` how many of them are ready
+    (None: as many as `current`); `nodes` the nodes running its pods;
     `annotations` those nodes' annotations and those of the nodes it asked
     for power on last time (`memory.power_nodes`); `now` timezone-aware.
     A desired-power annotation older than `refresh_after_seconds` is
@@ -414,8 +433,46 @@ def plan(
             if carbon[1] is not None:
                 out["carbonPer1kTokensGrams"] = format_joules(carbon[1])
 
+    mem = _plan_capacity(spec, obs, mem, status, out, current if ready is None else ready)
+    if mem.capacity is not None:
+        out["capacityRequestsPerSecond"] = format_joules(mem.capacity.rps)
+    if obs.demand_rps is not None:
+        out["demandRequestsPerSecond"] = format_joules(obs.demand_rps)
+
     out["conditions"] = [c for c in conditions if c.get("type") in TICK_CONDITIONS]
     return TierPlan(replicas, tuple(events), patches, out, replace(mem, status=out))
+
+
+def _plan_capacity(
+    spec: ModelTierSpec,
+    obs: Observations,
+    mem: TierMemory,
+    status: Mapping,
+    out: Mapping,
+    ready: int | None,
+) -> TierMemory:
+    """The tier's capacity this tick (budget.measure), for the TierRouters'
+    cut-off. A restarted operator starts from the status' last figure."""
+    watts = out.get("desiredPowerLimitWatts") if spec.device == "gpu" else None
+    last = mem.capacity
+    max_replicas = max(spec.replicas.min, spec.replicas.max)
+    if last is None and status.get("capacityRequestsPerSecond") is not None:
+        with contextlib.suppress(TypeError, ValueError):
+            rps = float(status["capacityRequestsPerSecond"])
+            last = Capacity(rps / max_replicas, max_replicas, status.get("desiredPowerLimitWatts"))
+    metric = spec.scaling.metric
+    capacity = measure(
+        last,
+        served_rps=obs.served_rps,
+        ready_replicas=ready or 0,
+        max_replicas=max_replicas,
+        observed=obs.observed if metric != "custom" else None,
+        target=float(spec.scaling.target) if metric != "custom" else None,
+        latency_ms=obs.latency_ms,
+        latency_target_ms=spec.scaling.latency_target_milliseconds,
+        watts=watts,
+    )
+    return replace(mem, capacity=capacity)
 
 
 def _plan_power(

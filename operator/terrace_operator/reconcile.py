@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .api import Replicas
+from .budget import Share
 from .children import HASH_ANNOTATION, MANAGER
 from .conditions import set_condition
 
@@ -195,8 +196,16 @@ def router_status(
     config_hash: str | None,
     problem: Readiness | None = None,
     now: str | None = None,
+    share: Share | None = None,
 ) -> dict:
+    """A TierRouter's whole status. `share`: the budget-following cut-off
+    (budget.py), shown as effectiveLargeSharePercent and the
+    LargeShareReduced condition."""
     ready = problem or router_readiness(tiers, deployment, namespace)
+    mine = [("Ready", ready), ("TiersReady", tiers_readiness(tiers))]
+    if share is not None:
+        reduced = share.reason in ("PowerCapped", "Saturated")
+        mine.append(("LargeShareReduced", Readiness(reduced, share.reason, share.message)))
     dep_status = (deployment or {}).get("status") or {}
     status = {
         "observedGeneration": generation,
@@ -208,12 +217,12 @@ def router_status(
             {"name": t.name, "endpoint": t.endpoint or "", "found": t.found, "ready": t.ready}
             for t in tiers
         ],
-        "conditions": _own_conditions(
-            conditions, [("Ready", ready), ("TiersReady", tiers_readiness(tiers))], generation, now
-        ),
+        "conditions": _own_conditions(conditions, mine, generation, now),
     }
     if config_hash:
         status["configHash"] = config_hash
+    if share is not None:
+        status["effectiveLargeSharePercent"] = share.percent
     return status
 
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from . import children as ch
 from .api import ModelTierSpec, TierRouterSpec
+from .budget import Share, router_share
 from .cache import Key
 from .conditions import get_condition
 from .controller import Conflict, Controller
@@ -26,8 +27,20 @@ from .reconcile import Readiness, TierView, router_status
 log = logging.getLogger("terrace_operator")
 
 
+LIMITED = ("PowerCapped", "Saturated")
+
+
 class TierRouterController(Controller):
     kind = "TierRouter"
+
+    @staticmethod
+    def _share(spec: TierRouterSpec, budget: list[tuple[str, dict, int | None]]) -> Share:
+        """The budget-following cut-off (budget.py) over the router's tiers'
+        statuses; the target itself with classifier.followBudget false."""
+        target = spec.classifier.target_large_share_percent / 100
+        if not spec.classifier.follow_budget:
+            return Share(target, "Target", f"target {target:.0%}: classifier.followBudget is false")
+        return router_share(target, budget)
 
     async def _batch_children(self, owner: ch.Owner, spec: TierRouterSpec) -> list[dict]:
         """terrace-batch's Deployment, Service and (SQLite) claim with
@@ -74,6 +87,7 @@ class TierRouterController(Controller):
 
         views: list[TierView] = []
         resolved: list[ch.ResolvedTier] = []
+        budget: list[tuple[str, dict, int | None]] = []  # what the cut-off reads
         for ref in spec.tiers:
             tier = await self.current("ModelTier", owner.namespace, ref.name)
             tier_spec = None
@@ -95,6 +109,11 @@ class TierRouterController(Controller):
                 )
             )
             resolved.append(ch.ResolvedTier(ref.name, owner.namespace, tier_spec))
+            if tier_spec.model.task != "tensor":  # v2 tiers are not in the calibration
+                power = tier_spec.power if tier_spec.device == "gpu" else None
+                max_watts = power.max_watts if power is not None else None
+                budget.append((ref.name, (tier or {}).get("status") or {}, max_watts))
+        share = self._share(spec, budget)
 
         config_hash = None
         problem: Readiness | None = None
@@ -107,6 +126,7 @@ class TierRouterController(Controller):
                 self.settings.wake_url,
                 owner.namespace,
                 ch.batch_url(owner) if spec.batch else None,
+                share.percent / 100 if share.reason in LIMITED else None,
             )
             desired_cm = ch.router_configmap(owner, config)
             config_hash = desired_cm["metadata"]["annotations"][ch.HASH_ANNOTATION]
@@ -147,6 +167,7 @@ class TierRouterController(Controller):
             endpoint=ch.router_endpoint(owner, spec),
             config_hash=config_hash,
             problem=problem,
+            share=share,
         )
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
         if ready["status"] != "True" and ready["reason"] in (

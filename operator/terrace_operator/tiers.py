@@ -249,6 +249,11 @@ class ModelTierController(Controller):
         if woken is not None:
             mem = replace(mem, woken=woken)
         current = None if deployment is None else int(deployment["spec"].get("replicas") or 0)
+        ready = (
+            None
+            if deployment is None
+            else int((deployment.get("status") or {}).get("readyReplicas") or 0)
+        )
         obs = observe(
             spec,
             self.signals,
@@ -271,6 +276,7 @@ class ModelTierController(Controller):
             memory=mem,
             now=now,
             refresh_after_seconds=self.settings.power_desired_ttl_seconds / 3,
+            ready=ready,
         )
         await self._apply_plan(body, deployment, p)
         if obs.energy is not None:

@@ -49,6 +49,14 @@ class ShareCalibrator:
         self._pos = 0
         self._lock = threading.Lock()
 
+    def retarget(self, target_large_share: float) -> None:
+        """Aim at another share from the next request on, keeping the window
+        (the operator's budget-following cut-off moves it; operator budget.py)."""
+        if not 0.0 <= target_large_share <= 1.0:
+            raise ValueError(f"target_large_share must be in [0, 1], got {target_large_share}")
+        with self._lock:
+            self.target_large_share = float(target_large_share)
+
     # -- quantiles of the window --------------------------------------------
 
     def _quantile(self, q: float) -> float:

@@ -59,6 +59,10 @@ class ClassifierConfig(_Model):
 
 class CalibrationConfig(_Model):
     target_large_share: float = Field(default=0.3, ge=0.0, le=1.0)
+    # The operator's budget-following cut-off (operator budget.py): while an
+    # upper tier is power-capped or saturated, the share past the first tier
+    # it can take; the calibrator aims at min(target, this). None: the target.
+    effective_large_share: float | None = Field(default=None, ge=0.0, le=1.0)
     window: int = Field(default=2000, ge=10, description="Live scores the rolling quantile keeps")
     warmup: int = Field(
         default=50, ge=0, description="Scores before the live quantile replaces the shipped one"
@@ -75,6 +79,14 @@ class CalibrationConfig(_Model):
         if any(b < a for a, b in pairs):
             raise ValueError("thresholds must be ascending")
         return thresholds
+
+    @property
+    def aim(self) -> float:
+        """The share past the first tier the calibrator keeps: the target, or
+        the operator's lower effective share while the budget binds."""
+        if self.effective_large_share is None:
+            return self.target_large_share
+        return min(self.target_large_share, self.effective_large_share)
 
 
 class EscalationConfig(_Model):

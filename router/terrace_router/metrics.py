@@ -9,9 +9,11 @@ The operator's scaling loop queries these names; keep them stable:
 - terrace_router_cache_hits_total                    counter
 - terrace_router_tier_share{tier}                    gauge, realized share over the rolling window
 - terrace_router_inflight{tier,endpoint}             gauge
+- terrace_router_large_share_target                  gauge, share past the first tier aimed at
+                                                     (the target, or the operator's budget cut)
 - terrace_router_config_reloads_total{result}        counter
 
-The two gauges are read from the live state at scrape time, so the request
+The gauges are read from the live state at scrape time, so the request
 path never touches them.
 """
 
@@ -48,7 +50,13 @@ class _StateCollector(Collector):
             "Requests in flight per tier and endpoint",
             labels=["tier", "endpoint"],
         )
+        aim = GaugeMetricFamily(
+            "terrace_router_large_share_target",
+            "Share of traffic the calibration sends past the first tier: the target, "
+            "or less while the operator's budget-following cut-off binds",
+        )
         if state is not None:
+            aim.add_metric([], state.config.calibration.aim)
             for name, value in state.share.shares().items():
                 share.add_metric([name], value)
             for tier in state.tiers:
@@ -56,11 +64,13 @@ class _StateCollector(Collector):
                     inflight.add_metric([tier.name, ep.base], ep.inflight)
         yield share
         yield inflight
+        yield aim
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # Empty families: registration must not call into a state that may not exist yet.
         yield GaugeMetricFamily("terrace_router_tier_share", "", labels=["tier"])
         yield GaugeMetricFamily("terrace_router_inflight", "", labels=["tier", "endpoint"])
+        yield GaugeMetricFamily("terrace_router_large_share_target", "")
 
 
 class RouterMetrics:

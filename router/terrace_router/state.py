@@ -95,7 +95,7 @@ def make_calibrator(config: RouterConfig, classifier: Any) -> Any:
 
     cal = config.calibration
     return ShareCalibrator(
-        target_large_share=cal.target_large_share,
+        target_large_share=cal.aim,
         window=cal.window,
         warmup=cal.warmup,
         initial_threshold=classifier.default_threshold,
@@ -169,10 +169,16 @@ class RouterState:
         May block (loads the classifier): call it off the event loop."""
         if previous is not None and previous.config.classifier == config.classifier:
             classifier = previous.classifier
-            same_cal = previous.config.calibration == config.calibration and len(
-                previous.openai_tiers
-            ) == sum(t.protocol == "openai" for t in config.tiers)
+            # A new effective share (the operator's budget) keeps the score
+            # window: the calibrator only aims elsewhere.
+            before = previous.config.calibration.model_copy(update={"effective_large_share": None})
+            after = config.calibration.model_copy(update={"effective_large_share": None})
+            same_cal = before == after and len(previous.openai_tiers) == sum(
+                t.protocol == "openai" for t in config.tiers
+            )
             calibrator = previous.calibrator if same_cal else make_calibrator(config, classifier)
+            if same_cal:
+                calibrator.retarget(config.calibration.aim)
         else:
             classifier = load_classifier(config.classifier.model)
             calibrator = make_calibrator(config, classifier)

@@ -276,3 +276,18 @@ def test_carbon_per_request_from_energy_and_the_grid_and_unknown_is_absent(prom)
     # A series with no data is unknown: no carbon figure, not a zero.
     unknown = with_carbon("grid_gco2_per_kwh_of_nowhere")
     assert "carbonPerRequestGrams" not in unknown and "energyPerRequestJoules" in unknown
+
+
+def test_the_tick_measures_capacity_and_demand_for_the_routers_cut_off(prom):
+    # 9 req/s served by one replica at inflight 14, target 4: 9 * 4/14 req/s
+    # per replica at the target, times replicas.max (4).
+    prom.show({INFLIGHT: 14, ROUTER_REQUESTS: 9 * 40, DEMAND: 6 * 40, **DECOYS})
+    p = tick(prom.url, spec(device="cpu"))
+    assert float(p.status["capacityRequestsPerSecond"]) == pytest.approx(9 * 4 / 14 * 4, rel=0.02)
+    assert float(p.status["demandRequestsPerSecond"]) == pytest.approx(6, rel=0.02)
+    # A restarted operator (empty memory) keeps the status' figure while
+    # there is too little traffic to measure.
+    prom.show({INFLIGHT: 0})
+    kept = tick(prom.url, spec(device="cpu"), status={"capacityRequestsPerSecond": "7.00"})
+    assert kept.status["capacityRequestsPerSecond"] == "7.00"
+    assert "capacityRequestsPerSecond" not in tick(prom.url, spec(device="cpu")).status
