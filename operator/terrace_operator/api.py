@@ -196,7 +196,8 @@ class RouterService(_Model):
 
 class BatchSignal(_Model):
     query: str = Field(min_length=1, max_length=4096)
-    threshold: str = Field(pattern=r"^-?[0-9]+(\.[0-9]+)?$")
+    threshold: str | None = Field(default=None, pattern=r"^-?[0-9]+(\.[0-9]+)?$")
+    forecast_query: str | None = Field(default=None, min_length=1, max_length=4096)
     prometheus_url: str | None = None
 
 

@@ -65,15 +65,20 @@ def measure(
     latency_ms: float | None = None,
     latency_target_ms: float | None = None,
     watts: int | None = None,
+    observed_is_total: bool = False,
 ) -> Capacity | None:
     """This tick's capacity of one tier; None while it was never measured.
 
     `served_rps` is what the tier answered per second over the metrics
-    window; `observed` / `target` its scaling metric and target (None: a
-    metric that says nothing about load, like a custom query);
+    window; `observed` / `target` its scaling metric and per-replica target
+    (None: a metric that says nothing about load, like a custom query);
+    `observed_is_total`: the metric is the tier's sum (in-flight requests,
+    requests per second; scaling.SUM_METRICS), not a per-replica average;
     `latency_ms` / `latency_target_ms` its p95 and target, if any; `watts`
     its power limit now (None on CPU)."""
     ratio = None
+    if observed is not None and observed_is_total and ready_replicas > 0:
+        observed = observed / ready_replicas  # per replica, as the target is
     usable = (
         served_rps is not None
         and served_rps > 0

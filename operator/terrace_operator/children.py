@@ -691,10 +691,16 @@ def batch_deployment(
     if b is not None:
         args += ["--slots", str(b.slots), "--max-window-seconds", str(b.max_window_hours * 3600)]
         prometheus = (b.signal.prometheus_url if b.signal else None) or settings.prometheus_url
-        if prometheus and (b.signal is not None or settings.carbon_intensity_query):
+        if prometheus:
+            # Without spec.batch.signal, terrace-batch releases lines in the
+            # cluster's low-demand hours (its request rate as the signal).
             args += ["--prometheus", prometheus]
         if b.signal is not None:
-            args += ["--signal", b.signal.query, "--threshold", b.signal.threshold]
+            args += ["--signal", b.signal.query]
+            if b.signal.threshold is not None:
+                args += ["--threshold", b.signal.threshold]
+            if b.signal.forecast_query is not None:
+                args += ["--forecast", b.signal.forecast_query]
         if prometheus and settings.carbon_intensity_query:
             # Grams of CO2 per batch, with the operator's own intensity series.
             args += ["--carbon-query", settings.carbon_intensity_query]

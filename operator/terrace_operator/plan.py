@@ -47,7 +47,13 @@ from terrace_operator.power import (
     decide_power,
 )
 from terrace_operator.prometheus import BadValue, MetricsError, NoData
-from terrace_operator.scaling import Decision, Recommendation, ScalingPolicy, decide
+from terrace_operator.scaling import (
+    SUM_METRICS,
+    Decision,
+    Recommendation,
+    ScalingPolicy,
+    decide,
+)
 from terrace_operator.signals import Signals
 
 LAST_SCALING_KEEP = 5
@@ -471,6 +477,7 @@ def _plan_capacity(
         latency_ms=obs.latency_ms,
         latency_target_ms=spec.scaling.latency_target_milliseconds,
         watts=watts,
+        observed_is_total=metric in SUM_METRICS,
     )
     return replace(mem, capacity=capacity)
 

@@ -281,9 +281,14 @@ REFUSED = [
         "batch.replicas above 1 needs batch.postgresUrlSecretRef",
     ),
     (
-        "batch-signal-needs-threshold",
-        spec(ROUTER, batch={"signal": {"query": "grid"}}),
-        "spec.batch.signal.threshold: Required value",
+        "batch-signal-needs-query",
+        spec(ROUTER, batch={"signal": {"threshold": "300"}}),
+        "spec.batch.signal.query: Required value",
+    ),
+    (
+        "batch-forecast-empty",
+        spec(ROUTER, batch={"signal": {"query": "grid", "forecastQuery": ""}}),
+        "spec.batch.signal.forecastQuery: Invalid value",
     ),
     (
         "batch-threshold-float",
@@ -392,6 +397,7 @@ def test_defaults_are_filled_in_by_the_apiserver(crds) -> None:
     assert router["classifier"] == {
         "model": "builtin",
         "targetLargeSharePercent": 30,
+        "followBudget": True,
         "calibrationWindow": 2000,
     }
     assert router["tiers"][0] == {

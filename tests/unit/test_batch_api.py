@@ -269,3 +269,30 @@ def test_the_router_serves_the_batch_api_on_its_own_address(servers, stubs, tmp_
         with pytest.raises(openai.InternalServerError) as e:
             lost.batches.list()
     assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "5"
+
+
+def test_the_outlook_is_the_forecast_series_by_hours_ahead(prom):
+    """A forecast exporter's series (one per `hours_ahead`) read from a real
+    Prometheus, soonest first; a series without the label is left out, and
+    the outlook is reused (shifted) for OUTLOOK_TTL seconds."""
+    import asyncio
+
+    from terrace_router.batch.worker import GridSignal
+
+    forecast = {("grid_forecast_gco2_per_kwh", "gauge", (("hours_ahead", str(h)),)): v
+                for h, v in ((1, 300.0), (3, 120.0), (2, 200.0))}  # fmt: skip
+    forecast[("grid_forecast_gco2_per_kwh", "gauge", (("zone", "x"),))] = 5.0
+    prom.show({GRID: 310.0, **forecast})
+
+    async def read():
+        grid = GridSignal(prom.url, GRID[0], forecast_query="grid_forecast_gco2_per_kwh")
+        try:
+            now = time.time()
+            return await grid.read(), await grid.outlook(now), await grid.outlook(now + 60)
+        finally:
+            await grid.aclose()
+
+    signal, outlook, later = asyncio.run(read())
+    assert signal == 310.0
+    assert outlook == [(3600.0, 300.0), (7200.0, 200.0), (10800.0, 120.0)]
+    assert later == [(3540.0, 300.0), (7140.0, 200.0), (10740.0, 120.0)]

@@ -38,7 +38,44 @@ def test_a_clean_grid_fills_the_free_slots_only():
 
 def test_an_unknown_signal_is_not_zero():
     assert release(pace(), Grid(signal=None, threshold=300)).lines == 0
-    assert release(pace(), Grid(signal=None, threshold=None)).lines == 8  # no signal set up
+    assert release(pace(), Grid(signal=None, threshold=None)).lines == 0  # configured, no data
+    assert release(pace(), Grid(None, configured=False)).lines == 8  # no signal set up
+
+
+# Yesterday at a solar grid's pace: clean midday, dirty night (24 points, 1 h apart).
+DAY_CURVE = (250, 255, 258, 260, 262, 262, 250, 215, 170, 130, 105, 95, 90, 90, 95, 105, 130,
+             180, 240, 280, 285, 280, 270, 260)  # fmt: skip
+
+
+def test_lines_go_in_the_cleanest_hours_of_the_outlook_that_suffice():
+    day = pace(expires_at=86_400.0)  # 26 s needed of a day: the least share, 10 %
+    assert release(day, Grid(90, outlook=DAY_CURVE)).lines == 8
+    assert "cleanest 10%" in release(day, Grid(90, outlook=DAY_CURVE)).reason
+    held = release(day, Grid(130, outlook=DAY_CURVE))
+    assert held.lines == 0 and held.reason.startswith("waiting: grid 130 >")
+    # A batch that needs half the time left takes the cleaner half of it.
+    big = pace(pending=8 * 1000, expires_at=4 * 3600.0)  # 1000 rounds x 2 s = 2000 s of 14400
+    assert release(big, Grid(256, outlook=(250, 255, 258, 260))).lines == 0  # 14 %: <= 252.8
+    half = pace(pending=8 * 3600, expires_at=4 * 3600.0)  # 7200 s: 50 %
+    assert release(half, Grid(256, outlook=(250, 255, 258, 260))).lines == 8
+    assert release(half, Grid(259, outlook=(250, 255, 258, 260))).lines == 0
+    # A threshold still releases under it; with no outlook it is the whole rule.
+    assert release(day, Grid(120, threshold=150, outlook=DAY_CURVE)).lines == 8
+    assert release(day, Grid(120)).lines == 8  # nothing to compare with: capacity decides
+    # The deadline beats the outlook.
+    assert release(pace(now=3575.0), Grid(285, outlook=DAY_CURVE)).lines == 8
+
+
+@given(
+    signal=st.floats(0, 1000),
+    outlook=st.lists(st.floats(0, 1000), min_size=1, max_size=50),
+    pending=st.integers(1, 5000),
+)
+def test_the_outlook_rule_never_holds_the_cleanest_moment(signal, outlook, pending):
+    p = pace(pending=pending, expires_at=86_400.0)
+    r = release(p, Grid(signal, outlook=tuple(outlook)))
+    if signal <= min(outlook):
+        assert r.lines == min(8, pending)
 
 
 @given(
@@ -114,7 +151,7 @@ def test_limits_and_the_batch_checks():
     [
         ([], "router"),
         (["--router", "http://r", "--signal", "up"], "needs a Prometheus URL"),
-        (["--router", "http://r", "--signal", "up", "--prometheus", "http://p"], "threshold"),
+        (["--router", "http://r", "--forecast", "up"], "needs a Prometheus URL"),
         (["--router", "http://r", "--slots", "0"], "slots"),
     ],
 )

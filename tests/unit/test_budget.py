@@ -32,6 +32,9 @@ def test_capacity_is_what_max_replicas_serve_at_the_target():
     # A p95 over its latency target binds harder than the metric does.
     c = fresh(latency_ms=2000, latency_target_ms=500)
     assert c.per_replica_rps == pytest.approx(1.0)
+    # A sum metric (in flight, req/s) is the tier's total: per replica, 16
+    # in flight on 2 replicas is the same twice-the-target.
+    assert fresh(observed=16.0, observed_is_total=True).per_replica_rps == pytest.approx(2.0)
     # A p95 inside its target does not raise it above the metric's figure.
     assert fresh(latency_ms=100, latency_target_ms=500).per_replica_rps == pytest.approx(2.0)
 

@@ -336,7 +336,8 @@ def test_a_router_with_none_of_its_tiers_lists_exactly_the_named_ones() -> None:
 def test_a_router_with_batch_gets_terrace_batch_on_a_claim_and_forwards_to_it() -> None:
     spec = router_spec(
         auth={"apiKeySecretRef": {"name": "router-keys"}},
-        batch={"signal": {"query": "grid_gco2", "threshold": "300"}, "maxWindowHours": 48},
+        batch={"signal": {"query": "grid_gco2", "threshold": "300",
+                          "forecastQuery": "grid_gco2_forecast"}, "maxWindowHours": 48},  # fmt: skip
     )
     settings = OperatorSettings(
         prometheus_url="http://prom:9090", carbon_intensity_query="grid_intensity"
@@ -352,6 +353,7 @@ def test_a_router_with_batch_gets_terrace_batch_on_a_claim_and_forwards_to_it() 
     assert args["--store"] == "sqlite:////var/lib/terrace-batch/batches.db"
     assert args["--max-window-seconds"] == str(48 * 3600)
     assert (args["--signal"], args["--threshold"]) == ("grid_gco2", "300")
+    assert args["--forecast"] == "grid_gco2_forecast"
     assert args["--prometheus"] == "http://prom:9090"  # the operator's, by default
     assert args["--carbon-query"] == "grid_intensity"  # the operator's, for CO2 per batch
     assert args["--api-keys-file"] == "/etc/terrace-auth/api-keys"  # clients' keys, and its own

@@ -7,7 +7,7 @@ batch's lines to the router when the grid is clean, never past the window.
         --store sqlite:////var/lib/terrace-batch/batches.db --port 8090
     terrace-batch --router ... --store postgresql+psycopg://terrace@db/terrace \
         --prometheus http://prometheus:9090 \
-        --signal 'grid_carbon_intensity_gco2_per_kwh{zone="DE"}' --threshold 300
+        --signal 'grid_carbon_intensity_gco2_per_kwh{zone="DE"}'
 
 One process owns its store (SQLite: one replica; PostgreSQL: any number,
 each claiming lines with row locks). Settings come from TERRACE_BATCH_*
@@ -59,8 +59,17 @@ class BatchSettings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8090, ge=0, le=65535, description="port (0: any free one, logged)")
     prometheus: str | None = Field(default=None, description="Prometheus base URL")
-    signal: str | None = Field(default=None, description="PromQL of the grid signal (one value)")
-    threshold: float | None = Field(default=None, description="release at or below this signal")
+    signal: str | None = Field(
+        default=None,
+        description="PromQL of the grid signal (one value); default with --prometheus: the "
+        "cluster's request rate, so lines go in its low-demand hours",
+    )
+    threshold: float | None = Field(default=None, description="also release at or below this")
+    forecast: str | None = Field(
+        default=None,
+        description="PromQL of the signal's forecast, one series per hours_ahead label; "
+        "default: the signal's values at the same hours yesterday",
+    )
     carbon_query: str | None = Field(
         default=None, description="PromQL of the grid's intensity in gCO2/kWh, for batch CO2"
     )
@@ -90,13 +99,18 @@ def _first_key(path: str | None) -> str | None:
 
 def create_service(settings: BatchSettings) -> Starlette:
     """The Batch API app; its lifespan runs the worker."""
-    if (settings.signal or settings.carbon_query) and not settings.prometheus:
-        raise ValueError("a grid signal or carbon query needs a Prometheus URL (--prometheus)")
-    if settings.signal and settings.threshold is None:
-        raise ValueError("a grid signal needs a threshold (--threshold)")
+    if (settings.signal or settings.carbon_query or settings.forecast) and not settings.prometheus:
+        raise ValueError(
+            "a grid signal, forecast or carbon query needs a Prometheus URL (--prometheus)"
+        )
     keys = ApiKeys.from_config(AuthConfig(api_keys_file=settings.api_keys_file))
     grid = (
-        GridSignal(settings.prometheus, settings.signal, carbon_query=settings.carbon_query)
+        GridSignal(
+            settings.prometheus,
+            settings.signal,
+            carbon_query=settings.carbon_query,
+            forecast_query=settings.forecast,
+        )
         if settings.prometheus
         else None
     )
@@ -111,7 +125,7 @@ def create_service(settings: BatchSettings) -> Starlette:
             interval_seconds=settings.interval_seconds,
             slots=settings.slots,
             lease_seconds=settings.lease_seconds,
-            threshold=settings.threshold if settings.signal else None,
+            threshold=settings.threshold,
         ),
         grid,
         metrics,

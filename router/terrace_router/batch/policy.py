@@ -6,15 +6,28 @@ Each pass (`release`) says how many more lines of one batch to send now:
    (`seconds_per_line` per slot, times `safety`), would not finish before the
    batch expires unless sent now, every free slot is filled, whatever the
    grid says: a batch is never late because the grid was dirty.
-2. **Clean or cheap hours.** Otherwise lines go out only while the grid
-   signal (a PromQL value such as a carbon intensity in gCO2/kWh or a price)
-   is at or below `threshold`. A signal with no data is unknown, never zero:
-   lines wait for it, until the deadline says go. With no signal configured,
-   capacity alone decides.
+2. **The cleanest hours that suffice.** Otherwise lines go out only while
+   the signal (a carbon intensity in gCO2/kWh, a price, or, with none
+   configured, the cluster's own request rate: its low-demand hours) is
+   among the lowest of what is expected until the deadline. The outlook is
+   the signal's forecast when there is one, else its values at the same
+   hours yesterday (a persistence forecast). The batch needs a fraction
+   f = time needed / time left of what is left; lines go while the signal
+   now is at or below the f-quantile of the outlook (f at least
+   `MIN_SHARE`, so a small batch is not held for the single cleanest
+   minute). A `threshold`, when set, also releases at or below it, and is
+   the whole rule when there is no outlook yet. A signal with no data is
+   unknown, never zero: lines wait for it, until the deadline says go. With
+   no signal (no Prometheus), capacity alone decides.
 3. **Spare capacity.** Never more lines in flight than `slots`: the share of
    the tiers batch work may use. The worker shrinks `slots` when the router
    sheds its requests (429, 503) and grows it back slowly (AIMD), so batch
    work backs off when a tier saturates.
+
+Worked example (docs/batch.md): 2,000 lines, 8 slots, 2 s a line, a 24 h
+window: 250 rounds x 2 s x safety 2 = 1,000 s needed of 86,400 s, f = 1.2 %,
+so `MIN_SHARE` (10 %) applies: lines go while the signal is in the lowest
+tenth of yesterday's values for the next 24 hours.
 """
 
 from __future__ import annotations
@@ -33,12 +46,18 @@ class Pace:
     in_flight: int  # lines sent and not answered
     seconds_per_line: float  # measured service time of one line in one slot
     slots: int  # lines this batch may have in flight
+    ahead: int = 0  # lines of batches due earlier that go first through the same slots
+
+
+MIN_SHARE = 0.1  # the least fraction of the outlook counted as "clean"
 
 
 @dataclass(frozen=True)
 class Grid:
-    signal: float | None  # the signal's value now; None: no signal or no data
-    threshold: float | None  # release freely at or below this; None: no signal configured
+    signal: float | None  # the signal's value now; None: no data (or none configured)
+    threshold: float | None = None  # also release at or below this
+    outlook: tuple[float, ...] = ()  # expected values until the deadline, evenly spaced
+    configured: bool = True  # False: no signal at all, capacity alone decides
 
 
 @dataclass(frozen=True)
@@ -50,8 +69,17 @@ class Release:
 def seconds_needed(pace: Pace, safety: float) -> float:
     """Time to finish what is left with every slot busy, with a safety factor."""
     slots = max(1, pace.slots)
-    rounds = math.ceil((pace.pending + pace.in_flight) / slots)
+    rounds = math.ceil((pace.pending + pace.in_flight + pace.ahead) / slots)
     return rounds * pace.seconds_per_line * safety
+
+
+def quantile(values: tuple[float, ...], q: float) -> float:
+    """The q-quantile of `values` (linear interpolation, as numpy's default)."""
+    v = sorted(values)
+    x = min(max(q, 0.0), 1.0) * (len(v) - 1)
+    lo = int(x)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (x - lo)
 
 
 def release(pace: Pace, grid: Grid, safety: float = 2.0) -> Release:
@@ -59,20 +87,32 @@ def release(pace: Pace, grid: Grid, safety: float = 2.0) -> Release:
     if pace.pending == 0:
         return Release(0, "nothing pending")
     left = pace.expires_at - pace.now
-    if left <= seconds_needed(pace, safety):
+    need = seconds_needed(pace, safety)
+    if left <= need:
         return Release(min(free, pace.pending), f"deadline: {left:.0f} s left")
-    if grid.threshold is None:
-        return Release(min(free, pace.pending), "spare capacity")
+    go = min(free, pace.pending)
+    if not grid.configured:
+        return Release(go, "spare capacity")
     if grid.signal is None:
         return Release(0, "waiting: grid signal unknown")
-    if grid.signal <= grid.threshold:
+    now = grid.signal
+    if grid.threshold is not None and now <= grid.threshold:
+        return Release(go, f"grid {now:g} <= threshold {grid.threshold:g}")
+    if grid.outlook:
+        share = max(MIN_SHARE, need / left)
+        cut = quantile((*grid.outlook, now), share)
+        if now <= cut:
+            return Release(go, f"grid {now:g} in the cleanest {share:.0%} of the outlook")
         return Release(
-            min(free, pace.pending), f"grid {grid.signal:g} <= threshold {grid.threshold:g}"
+            0,
+            f"waiting: grid {now:g} > {cut:g}, the cleanest {share:.0%} of the outlook; "
+            f"{left - need:.0f} s of slack",
         )
+    if grid.threshold is None:
+        return Release(go, f"grid {now:g}: no outlook yet to compare with")
     return Release(
         0,
-        f"waiting: grid {grid.signal:g} > threshold {grid.threshold:g}, "
-        f"{left - seconds_needed(pace, safety):.0f} s of slack",
+        f"waiting: grid {now:g} > threshold {grid.threshold:g}, {left - need:.0f} s of slack",
     )
 
 

@@ -50,18 +50,30 @@ class WorkerSettings:
     request_timeout_seconds: float = 600.0
     safety: float = 2.0  # deadline margin: finish in half the time left
     attempts: int = 3  # 5xx answers before a line is recorded as failed
-    threshold: float | None = None  # release at or below this grid signal
+    threshold: float | None = None  # also release at or below this grid signal
 
 
 ENERGY_BY_TIER = "max by (tier) (terrace_tier_energy_per_request_joules)"
 JOULES_PER_KWH = 3.6e6
+# With no signal configured: the cluster's own request rate (its low-demand hours).
+DEMAND_SIGNAL = "sum(rate(terrace_router_requests_total[5m]))"
+# A forecast series carries how far ahead it looks in this label (hours).
+FORECAST_LABEL = "hours_ahead"
+DAY = 86_400
+OUTLOOK_STEP = 300  # seconds between the points of yesterday's values
+OUTLOOK_TTL = 300  # seconds an outlook is reused
 
 
 class GridSignal:
-    """Reads from Prometheus: the grid signal (a carbon intensity, a price),
-    the grid's carbon intensity (gCO2/kWh) and each tier's energy per
-    request (the operator's `terrace_tier_energy_per_request_joules`). A
-    value Prometheus cannot give is None: unknown, never zero."""
+    """Reads from Prometheus: the grid signal (a carbon intensity, a price;
+    DEMAND_SIGNAL when none is given), its outlook (policy.py), the grid's
+    carbon intensity (gCO2/kWh) and each tier's energy per request (the
+    operator's `terrace_tier_energy_per_request_joules`). A value Prometheus
+    cannot give is None: unknown, never zero.
+
+    The outlook is `forecast_query`'s series, one per `hours_ahead` label,
+    when given; else the signal's own values over the next 24 hours of
+    yesterday, every OUTLOOK_STEP seconds (a persistence forecast)."""
 
     def __init__(
         self,
@@ -69,10 +81,13 @@ class GridSignal:
         query: str | None,
         timeout: float = 5.0,
         carbon_query: str | None = None,
+        forecast_query: str | None = None,
     ) -> None:
-        self.query = query
+        self.query = query or DEMAND_SIGNAL
         self.carbon_query = carbon_query
+        self.forecast_query = forecast_query
         self._client = httpx.AsyncClient(base_url=prometheus_url.rstrip("/"), timeout=timeout)
+        self._outlook: tuple[float, list[tuple[float, float]]] | None = None  # (read at, points)
 
     async def _vector(self, query: str) -> list[dict] | None:
         try:
@@ -100,6 +115,49 @@ class GridSignal:
 
     async def read(self) -> float | None:
         return await self._one(self.query)
+
+    async def outlook(self, now: float) -> list[tuple[float, float]]:
+        """(seconds ahead of `now`, expected value) points, soonest first;
+        [] when Prometheus has none (a new signal, a forecast without data)."""
+        if self._outlook is not None and now - self._outlook[0] < OUTLOOK_TTL:
+            read_at, points = self._outlook
+            return [(ahead - (now - read_at), v) for ahead, v in points if ahead > now - read_at]
+        points = await (self._forecast() if self.forecast_query else self._yesterday(now))
+        self._outlook = (now, points)
+        return points
+
+    async def _forecast(self) -> list[tuple[float, float]]:
+        points = []
+        for item in await self._vector(self.forecast_query or "") or []:
+            value = self._value(item)
+            try:
+                ahead = float((item.get("metric") or {})[FORECAST_LABEL]) * 3600
+            except (KeyError, TypeError, ValueError):
+                continue
+            if value is not None and math.isfinite(ahead) and ahead >= 0:
+                points.append((ahead, value))
+        return sorted(points)
+
+    async def _yesterday(self, now: float) -> list[tuple[float, float]]:
+        params = {"query": self.query, "start": f"{now - DAY:.3f}", "end": f"{now:.3f}",
+                  "step": str(OUTLOOK_STEP)}  # fmt: skip
+        try:
+            r = await self._client.get("/api/v1/query_range", params=params)
+            result = r.json()["data"]["result"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            log.warning("outlook of %r unreadable: %s", self.query, e)
+            return []
+        if not isinstance(result, list) or len(result) != 1:
+            return []
+        points = []
+        for t, v in result[0].get("values") or []:
+            try:
+                value = float(v)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(value):
+                points.append((float(t) + DAY - now, value))
+        return points
 
     async def carbon(self) -> float | None:
         return await self._one(self.carbon_query)
@@ -147,6 +205,7 @@ class Worker:
         self.paces: dict[str, BatchPace] = {}
         self.tasks: set[asyncio.Task] = set()
         self.last_signal: float | None = None
+        self.outlook: list[tuple[float, float]] = []  # (seconds ahead, value)
         self.last_reason: dict[str, str] = {}
         self.intensity: float | None = None  # gCO2/kWh at the last pass
         self.energy: dict[str, float] = {}  # joules per request by tier, at the last pass
@@ -170,6 +229,7 @@ class Worker:
     async def tick(self) -> None:
         if self.grid is not None:
             self.last_signal = await self.grid.read()
+            self.outlook = await self.grid.outlook(time.time())
             self.intensity = await self.grid.carbon()
             self.energy = await self.grid.energy_by_tier()
         self.metrics.signal.set(math.nan if self.last_signal is None else self.last_signal)
@@ -209,7 +269,12 @@ class Worker:
                 seconds_per_line=pace.seconds_per_line,
                 slots=pace.slots.value,
             ),
-            Grid(self.last_signal, self.settings.threshold),
+            Grid(
+                self.last_signal,
+                self.settings.threshold,
+                tuple(v for ahead, v in self.outlook if ahead <= batch["expires_at"] - now),
+                configured=self.grid is not None,
+            ),
             self.settings.safety,
         )
         if self.last_reason.get(batch_id) != decision.reason:
