@@ -160,6 +160,7 @@ GRID = {
     "cap_window": "* 16-20 * * *",
     "cap_watts": 200,
 }
+CAP_HOURS = (16, 20)  # the window's hours, for the SLO inside it
 
 
 # --------------------------------------------------------------- trace
@@ -621,6 +622,8 @@ def _measure(
     on_day = day.second_of >= DAY
     interactive = on_day & ~day.deferrable if sc.defer else on_day
     ms = lat[interactive] * day.jitter[interactive] * 1000
+    hour = (day.second_of[interactive] % DAY) // 3600
+    capped = (hour >= CAP_HOURS[0]) & (hour <= CAP_HOURS[1])
     answered = (served_at >= DAY) & (tier_of >= 0)
     correct = np.where(tier_of[answered] == 1, day.large_ok[answered], day.small_ok[answered])
     out = {
@@ -629,6 +632,7 @@ def _measure(
         "joules_per_request": round(energy / max(1, int(on_day.sum())), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "slo_attainment": round(float((ms <= w["slo_ms"]).mean()), 4),
+        "slo_in_cap_hours": round(float((ms[capped] <= w["slo_ms"]).mean()), 4),
         "quality": round(float(correct.mean()), 4),
         "gpu_replicas_mean": round(float(tiers[-1].reps[DAY:].mean()), 2),
     }
@@ -770,8 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     fixed, cut = res["d_cap"], res["d_cutoff"]
     print(
-        f"evening cap: SLO with a fixed share {fixed['slo_attainment']:.2%}, with the "
-        f"cut-off {cut['slo_attainment']:.2%} (share down to {cut.get('share_min')})"
+        f"evening cap (16:00-21:00, 200 W): SLO inside it with a fixed share "
+        f"{fixed['slo_in_cap_hours']:.2%}, with the cut-off {cut['slo_in_cap_hours']:.2%} "
+        f"(share down to {cut.get('share_min')}); over the day {fixed['slo_attainment']:.2%} "
+        f"and {cut['slo_attainment']:.2%}"
     )
     print(
         f"CO2 e vs d: {co2_e_d:.1%} less (target >= 25 %); e vs a: {co2_e_a:.1%} less; e within "
@@ -786,8 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         "co2_saving_e_vs_a": co2_e_a,
         "slo_attainment_e": e["slo_attainment"],
         "batch_in_window_e": e["batch_in_window"],
-        "slo_attainment_capped_fixed_share": fixed["slo_attainment"],
-        "slo_attainment_capped_cutoff": cut["slo_attainment"],
+        "slo_in_cap_hours_fixed_share": fixed["slo_in_cap_hours"],
+        "slo_in_cap_hours_cutoff": cut["slo_in_cap_hours"],
     }
     print(json.dumps(final, sort_keys=True))
     return 0

@@ -98,6 +98,7 @@ class Exchange:
         self.t0 = t0  # perf_counter() at arrival
         self.reasons: list[str] = []  # why each tier was left, in order
         self.failures: list[Failure] = []
+        self.wake = True  # False: a tier at zero is not woken nor waited for (batch work)
 
     def outgoing(self, tier: Tier, check: bool) -> Outgoing:
         """The request for `tier`; `check`: the answer will be judged."""
@@ -206,7 +207,7 @@ async def attempt(x: Exchange, session: upstream.Session, metrics: RouterMetrics
         nxt = order[pos + 1] if pos + 1 < len(order) else None
         check = x.decision.check_confidence and nxt is not None and nxt > idx
         out = x.outgoing(tier, check)
-        result = await _try_tier(session, tier, out)
+        result = await _try_tier(session, tier, out, x.wake)
         if isinstance(result, Held):
             result = await _settle(x, tier, result, out, check)
         if isinstance(result, Answer):
@@ -268,14 +269,17 @@ def _reason(kind: str) -> str:
     return kind if kind in (OVERLOAD, TIMEOUT) else ERROR
 
 
-async def _try_tier(session: upstream.Session, tier: Tier, out: Outgoing) -> Held | Failure:
+async def _try_tier(
+    session: upstream.Session, tier: Tier, out: Outgoing, wake: bool = True
+) -> Held | Failure:
     """One attempt on a tier: its best endpoint, and the next one only when
     the request never went out; for a tier that can sleep
     (`activation_timeout_seconds`), up to that long waiting for one of its
-    endpoints to answer at all. A held 2xx/4xx answer, or why not."""
+    endpoints to answer at all (not with `wake` False). A held 2xx/4xx
+    answer, or why not."""
     pool = tier.pool
     tried: list[Endpoint] = []
-    hold = tier.config.activation_timeout_seconds
+    hold = tier.config.activation_timeout_seconds if wake else 0.0
     wake_by = monotonic() + hold if hold > 0 else 0.0
     waiting = False
     while True:

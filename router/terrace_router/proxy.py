@@ -145,6 +145,11 @@ def _loads_or_none(content: bytes) -> Any:
     return value if isinstance(value, dict) else None
 
 
+# terrace-batch marks a line that may wait (its deadline not near): shed
+# first, never wakes a tier (docs/batch.md).
+DEFERRABLE_HEADER = "x-terrace-deferrable"
+
+
 class OpenAIExchange(Exchange):
     """An OpenAI request: the same JSON to every tier, with the model name
     each tier expects and, when the answer is judged, logprobs."""
@@ -207,7 +212,9 @@ class Proxy:
             await authorize(state, request)
             payload = without_nulls(parse_json(await read_body(request, state.max_body_bytes)))
             validate(kind, payload)
-            return await unless_gone(request.receive, self._route(state, kind, payload, t0))
+            deferrable = request.headers.get(DEFERRABLE_HEADER, "").strip().lower() == "true"
+            route = self._route(state, kind, payload, t0, deferrable)
+            return await unless_gone(request.receive, route)
         except RouterError as err:
             self.metrics.observe_request("none", err.status, None)
             return err.openai_response()
@@ -216,7 +223,12 @@ class Proxy:
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it
 
     async def _route(
-        self, state: RouterState, kind: str, payload: dict[str, Any], t0: float
+        self,
+        state: RouterState,
+        kind: str,
+        payload: dict[str, Any],
+        t0: float,
+        deferrable: bool = False,
     ) -> Response | SseRelay:
         model = payload["model"]
         auto = model in state.auto_names
@@ -250,8 +262,11 @@ class Proxy:
             decision, complexity = self._flex(state, model, auto), "flex"
         else:
             decision, complexity = await self._decide(state, kind, payload, model, auto)
+        if deferrable:
+            decision = self._deferrable(state, decision, complexity)
         self.metrics.chose(state.openai_tiers[decision.order[0]].name)
         x = OpenAIExchange(state, decision, kind=kind, payload=payload, auto=auto, t0=t0)
+        x.wake = not deferrable
         client = self.client
         assert client is not None
         try:
@@ -298,6 +313,31 @@ class Proxy:
             err.extra_headers = _decision_headers("none", "flex", [])
             raise err
         return decision
+
+    def _deferrable(
+        self, state: RouterState, decision: policy.Decision, complexity: str
+    ) -> policy.Decision:
+        """Batch work (`x-terrace-deferrable: true`, sent by terrace-batch
+        while its deadline is not near): the tier the decision chose, only
+        while it is under `flex_max_load` of its in-flight capacity, and only
+        tiers already awake (the exchange does not wake a tier at zero). So
+        batch lines bound for idle CPU go while a sleeping GPU tier stays
+        asleep; a 429 sends the line back to the batch's queue."""
+        limit = state.config.flex_max_load
+        tier = state.openai_tiers[decision.order[0]]
+        if tier.pool.load() < limit:
+            return decision
+        err = RouterError(
+            429,
+            f"deferrable request: tier {tier.name} is above {limit:.0%} of its in-flight "
+            "capacity; batch work yields to interactive requests. Retry later.",
+            type="rate_limit_error",
+            param=None,
+            code="resource_unavailable",
+            retry_after=1,
+        )
+        err.extra_headers = _decision_headers("none", complexity, [])
+        raise err
 
     async def _score(self, state: RouterState, text: str) -> float:
         """The classifier's score. Shape features run inline (tens of

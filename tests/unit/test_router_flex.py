@@ -98,3 +98,74 @@ def test_a_pinned_flex_request_is_shed_when_its_tier_is_busy_and_bad_tiers_are_4
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "service_tier"
     ok = httpx.post(url, json=body("default"), headers=AUTH, timeout=30)
     assert ok.status_code == 200  # other tiers route as usual
+
+
+DEFERRABLE = {**AUTH, "x-terrace-deferrable": "true"}
+
+
+def test_batch_work_takes_only_headroom_on_the_tier_the_score_chose(stubs, servers):
+    """A deferrable line (terrace-batch, deadline not near) is scored like
+    any request, goes to its tier only while that tier is under flexMaxLoad,
+    and is shed first (429) otherwise; an interactive request still gets in."""
+    large = stubs["large"][0]
+    gate = threading.Event()
+    large.gate = gate
+    cfg = make_config(stubs, thresholds=[0.0])  # every scored request goes to large
+    for t in cfg["tiers"]:
+        t["maxInflightPerEndpoint"] = 4
+    url = serve_router(servers, cfg) + "/v1/chat/completions"
+
+    async def run() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as ac:
+            try:
+                lines = [asyncio.create_task(ac.post(url, json=body(None), headers=DEFERRABLE))
+                         for _ in range(2)]  # fmt: skip
+                await until(lambda: large.inflight == 2)
+                shed = await ac.post(url, json=body(None), headers=DEFERRABLE)  # at 50 %
+                interactive = asyncio.create_task(ac.post(url, json=body(None), headers=AUTH))
+                await until(lambda: large.inflight == 3)
+            finally:
+                gate.set()
+            return list(await asyncio.gather(*lines)), shed, await interactive
+
+    lines, shed, interactive = asyncio.run(run())
+    assert [r.headers["x-terrace-tier"] for r in lines] == ["large", "large"]  # scored, not flex
+    assert all(float(r.headers["x-terrace-complexity"]) >= 0 for r in lines)
+    assert shed.status_code == 429 and shed.headers["retry-after"] == "1"
+    assert shed.json()["error"]["code"] == "resource_unavailable"
+    assert interactive.status_code == 200
+    assert len(large.requests) == 3 and not stubs["small"][0].requests
+
+
+def test_batch_work_never_wakes_a_sleeping_tier(stubs, servers):
+    """A tier at zero (nothing listens; the operator's wake endpoint known):
+    an interactive request is held and asks the operator to wake it; a
+    deferrable line is neither held nor wakes it, and escalates to a tier
+    that is up."""
+    from served import Reserved, ServerThread
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    reserved = Reserved()
+    servers.append(reserved)
+    calls: list[str] = []
+
+    async def wake(request: Request) -> JSONResponse:
+        calls.append(request.url.path)
+        return JSONResponse({"message": "waking"}, 202)
+
+    operator = ServerThread(Starlette(routes=[Route("/wake/{ns}/{name}", wake, methods=["POST"])]))
+    servers.append(operator.start())
+    cfg = make_config(stubs, thresholds=[2.0])  # every scored request starts on small
+    cfg["tiers"][0].update(endpoints=[reserved.url], activationTimeoutSeconds=1.0,
+                           wakeUrl=operator.url + "/wake/demo/small")  # fmt: skip
+    url = serve_router(servers, cfg) + "/v1/chat/completions"
+    with httpx.Client(timeout=30) as c:
+        line = c.post(url, json=body(None), headers=DEFERRABLE)
+        assert line.status_code == 200 and line.headers["x-terrace-tier"] == "large"
+        assert calls == []  # batch work woke nothing
+        interactive = c.post(url, json=body(None), headers=AUTH)
+    assert interactive.status_code == 200  # held for the activation timeout, then escalated
+    assert calls == ["/wake/demo/small"]

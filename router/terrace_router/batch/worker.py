@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from ..proxy import DEFERRABLE_HEADER
 from .metrics import BatchMetrics
 from .policy import Grid, Pace, Slots, release
 from .store import Claimed, Store
@@ -287,15 +288,21 @@ class Worker:
         )
         reason = decision.reason.split(":")[0].split(" ")[0]  # deadline, grid, spare
         self.metrics.released.labels(reason).inc(len(claimed))
+        # Not near its deadline, a line may wait: the router sheds it first and
+        # wakes no tier for it (proxy.DEFERRABLE_HEADER).
+        deferrable = not decision.reason.startswith("deadline")
         for line in claimed:
-            task = asyncio.create_task(self._send(batch["endpoint"], line, pace))
+            task = asyncio.create_task(self._send(batch["endpoint"], line, pace, deferrable))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _send(self, endpoint: str, line: Claimed, pace: BatchPace) -> None:
+    async def _send(
+        self, endpoint: str, line: Claimed, pace: BatchPace, deferrable: bool = True
+    ) -> None:
         started = time.monotonic()
+        headers = {DEFERRABLE_HEADER: "true"} if deferrable else {}
         try:
-            r = await self.client.post(endpoint, json=line.body)
+            r = await self.client.post(endpoint, json=line.body, headers=headers)
         except httpx.HTTPError as e:
             log.info("line %s of %s not sent (%s): back to pending", line.line, line.batch_id, e)
             self.metrics.shed.inc()
