@@ -53,6 +53,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -392,9 +393,9 @@ SCENARIOS = (
 
 @dataclass
 class Batch:
-    lines: np.ndarray  # request indices
+    queue: deque[int]  # request indices not sent yet
     expires: int  # second
-    sent: int = 0
+    size: int = 0
     expired: int = 0
     outlook: tuple[float, ...] = ()
     outlook_at: int = -(10**9)
@@ -504,7 +505,8 @@ def simulate(sc: Scenario, day: Day) -> dict:
             waiting.extend(late.tolist())
             now_idx = now_idx[~day.deferrable[lo:hi]]
             if (t + 1) % TRAFFIC["batch_every_s"] == 0 and waiting:
-                batches.append(Batch(np.array(waiting), t + 1 + TRAFFIC["batch_window_s"]))
+                expires = t + 1 + TRAFFIC["batch_window_s"]
+                batches.append(Batch(deque(waiting), expires, size=len(waiting)))
                 waiting = []
         if not sc.tiered:
             chosen = np.ones(len(now_idx), dtype=np.int8)
@@ -552,56 +554,58 @@ def _release(
     served_at: np.ndarray,
     batch_rate: np.ndarray,
 ) -> None:
-    """The batch worker at second t: spare capacity below both tiers'
-    targets, shared in deadline order; `release` decides per batch; the lines
-    it lets go are routed by the router's calibrator and sent over the next tick."""
-    s = cal.target_large_share
-    small_room, large_room = tiers[0].room(t), tiers[1].room(t)
-    spare = min(small_room / max(1e-9, 1 - s), large_room / s if s > 0 else math.inf)
-    slots = max(1, int(spare))  # lines per second; one at least, for the deadline
+    """The batch worker and the router at second t, over the next tick.
+
+    Each tier takes batch lines only into its room below its scaling target
+    (what the router's deferrable rule does: a line over it is shed with a
+    429 and goes back to its batch's queue), so lines bound for the CPU tier
+    flow while the GPU tier's room is used up. Batches go in deadline order;
+    `release` decides per batch, with the lines of earlier batches `ahead`.
+    A line released for its deadline is not deferrable: its tier takes it
+    whatever its room (and scales for it)."""
+    room = [tiers[0].room(t) * TICK, tiers[1].room(t) * TICK]  # lines this tick
+    slots = max(1, int((room[0] + room[1]) / TICK))  # lines a second, both tiers
     used = 0  # slots taken this tick by batches due earlier
     ahead = 0  # lines of batches due earlier: they go first through the same slots
-    for b in sorted(
-        (b for b in batches if b.sent + b.expired < len(b.lines)), key=lambda b: b.expires
-    ):
-        pending = len(b.lines) - b.sent
+    sent = [0.0, 0.0]
+    for b in sorted((b for b in batches if b.queue), key=lambda b: b.expires):
+        pending = len(b.queue)
         if t >= b.expires:
             b.expired = pending
+            b.queue.clear()
             continue
         if t - b.outlook_at >= 300:  # the worker re-reads its outlook every 5 minutes
             b.outlook = tuple(day.yesterday[t : min(b.expires, len(day.yesterday)) : 300])
             b.outlook_at = t
         decision = release(
-            Pace(
-                now=float(t),
-                expires_at=float(b.expires),
-                pending=pending,
-                in_flight=used,
-                seconds_per_line=1.0,
-                slots=slots,
-                ahead=ahead,
-            ),
+            Pace(now=float(t), expires_at=float(b.expires), pending=pending, in_flight=used,
+                 seconds_per_line=1.0, slots=slots, ahead=ahead),
             Grid(float(day.intensity[t - 1]), outlook=b.outlook),
-        )
+        )  # fmt: skip
         if decision.lines <= 0:
             ahead += pending
             continue
-        n = min(pending, decision.lines * TICK)  # each slot: one line a second for a tick
-        lines = b.lines[b.sent : b.sent + n]
-        b.sent += n
+        urgent = decision.reason.startswith("deadline")
+        shed = []
+        for _ in range(min(pending, decision.lines * TICK)):  # a slot: a line a second
+            i = b.queue.popleft()
+            score = float(day.scores[i])
+            tier = cal.route(score, 2, record=False)  # counted once taken, as the router does
+            if not urgent and room[tier] < 1:
+                shed.append(i)  # 429: back to the queue
+                continue
+            cal.record(score, tier)
+            room[tier] -= 1
+            sent[tier] += 1
+            tier_of[i], served_at[i] = tier, t
+        b.queue.extend(shed)
         used += decision.lines
-        ahead += pending - n
-        chosen = np.fromiter(
-            (cal.route(float(day.scores[i]), 2) for i in lines), dtype=np.int8, count=n
-        )
-        tier_of[lines] = chosen
-        served_at[lines] = t
-        end = min(t + TICK, batch_rate.shape[1])
-        k = chosen.sum()
-        batch_rate[1, t:end] += k / TICK
-        batch_rate[0, t:end] += (n - k) / TICK
-        if used >= slots:
+        ahead += len(b.queue)
+        if used >= slots or (room[0] < 1 and room[1] < 1):
             break
+    end = min(t + TICK, batch_rate.shape[1])
+    batch_rate[0, t:end] += sent[0] / TICK
+    batch_rate[1, t:end] += sent[1] / TICK
 
 
 def _measure(
@@ -638,7 +642,7 @@ def _measure(
     }
     if sc.defer:
         due = [b for b in batches if b.expires <= DAYS * DAY]
-        total = sum(len(b.lines) for b in due)
+        total = sum(b.size for b in due)
         late = sum(b.expired for b in due)
         out["batch_in_window"] = round(1 - late / total, 4) if total else None
         out["batches"] = len(due)

@@ -28,8 +28,13 @@ import threading
 
 
 class ShareCalibrator:
-    def __init__(self, target_large_share: float = 0.3, window: int = 2000, warmup: int = 50,
-                 initial_threshold: float = 0.5) -> None:
+    def __init__(
+        self,
+        target_large_share: float = 0.3,
+        window: int = 2000,
+        warmup: int = 50,
+        initial_threshold: float = 0.5,
+    ) -> None:
         if not 0.0 <= target_large_share <= 1.0:
             raise ValueError(f"target_large_share must be in [0, 1], got {target_large_share}")
         if window < 1:
@@ -79,22 +84,34 @@ class ShareCalibrator:
 
     # -- request path -------------------------------------------------------
 
-    def route(self, score: float, n_tiers: int) -> int:
-        """Tier index for `score` (0 = cheapest); records the score into the window."""
+    def route(self, score: float, n_tiers: int, record: bool = True) -> int:
+        """Tier index for `score` (0 = cheapest); records the score and the
+        decision into the window unless `record` is False (a request that
+        may yet be refused: `record` it once it is taken)."""
         if n_tiers <= 1:
             return 0
         if math.isnan(score):
             score = 0.0  # a broken score must not poison the window; cheapest tier
         with self._lock:
-            self._record(score)
+            if record:
+                self._record(score)
             if self.target_large_share <= 0.0:
                 tier = 0
             elif self.target_large_share >= 1.0:
                 tier = max(1, sum(score >= b for b in self._boundaries(n_tiers)))
             else:
                 tier = sum(score >= b for b in self._boundaries(n_tiers))
-            self._record_decision(tier > 0)
+            if record:
+                self._record_decision(tier > 0)
             return tier
+
+    def record(self, score: float, tier: int) -> None:
+        """Put a request routed with `record=False` into the window."""
+        if math.isnan(score):
+            score = 0.0
+        with self._lock:
+            self._record(score)
+            self._record_decision(tier > 0)
 
     def _record(self, score: float) -> None:
         if len(self._ring) < self.window:

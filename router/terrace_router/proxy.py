@@ -261,9 +261,14 @@ class Proxy:
         if payload.get("service_tier") == "flex":
             decision, complexity = self._flex(state, model, auto), "flex"
         else:
-            decision, complexity = await self._decide(state, kind, payload, model, auto)
-        if deferrable:
-            decision = self._deferrable(state, decision, complexity)
+            # A deferrable request may yet be shed: it enters the calibration
+            # window only once its tier takes it.
+            decision, score = await self._decide(state, kind, payload, model, auto, deferrable)
+            complexity = f"{score:.4f}"
+            if deferrable:
+                decision = self._deferrable(state, decision, complexity)
+                if auto:
+                    state.record(score, decision.order[0])
         self.metrics.chose(state.openai_tiers[decision.order[0]].name)
         x = OpenAIExchange(state, decision, kind=kind, payload=payload, auto=auto, t0=t0)
         x.wake = not deferrable
@@ -280,19 +285,25 @@ class Proxy:
         return self._answer(x, answer, complexity, key)
 
     async def _decide(
-        self, state: RouterState, kind: str, payload: dict[str, Any], model: str, auto: bool
-    ) -> tuple[policy.Decision, str]:
-        """The tier order for an ordinary request: by complexity for `auto`,
-        the named tier otherwise."""
+        self,
+        state: RouterState,
+        kind: str,
+        payload: dict[str, Any],
+        model: str,
+        auto: bool,
+        tentative: bool = False,
+    ) -> tuple[policy.Decision, float]:
+        """The tier order for an ordinary request, and its score: by
+        complexity for `auto`, the named tier otherwise. `tentative`: leave
+        the calibration window alone (the caller records it if taken)."""
         score = await self._score(state, prompt_text(kind, payload))
         if auto:
             self.metrics.complexity.observe(score)
-            decision = policy.decide_auto(
-                score, state.route(score), len(state.openai_tiers), state.escalation
-            )
+            start = state.route(score, record=not tentative)
+            decision = policy.decide_auto(score, start, len(state.openai_tiers), state.escalation)
         else:
             decision = policy.decide_pinned(state.by_name[model].index, f"pinned to {model}")
-        return decision, f"{score:.4f}"
+        return decision, score
 
     def _flex(self, state: RouterState, model: str, auto: bool) -> policy.Decision:
         loads = [t.pool.load() for t in state.openai_tiers]

@@ -133,9 +133,7 @@ class RouterState:
         for tc in config.tiers:
             # Carried over per (tier, URL): two tiers on one URL keep their own
             # in-flight counts and health, as they had before the reload.
-            eps = [
-                reuse.get((tc.name, normalize_base_url(u))) or Endpoint(u) for u in tc.endpoints
-            ]
+            eps = [reuse.get((tc.name, normalize_base_url(u))) or Endpoint(u) for u in tc.endpoints]
             pool = TierPool(
                 eps,
                 max_inflight=tc.max_inflight_per_endpoint,
@@ -191,14 +189,20 @@ class RouterState:
             config, classifier=classifier, calibrator=calibrator, endpoints=endpoints, share=share
         )
 
-    def route(self, score: float) -> int:
-        """Index of the OpenAI tier a request with this complexity starts on."""
+    def route(self, score: float, record: bool = True) -> int:
+        """Index of the OpenAI tier a request with this complexity starts on;
+        `record` False leaves the calibration window alone (`record` later)."""
         n = len(self.openai_tiers)
         if n == 1:
             return 0
         if self.thresholds is not None:
             return tier_for_score(score, self.thresholds)
-        return min(max(int(self.calibrator.route(score, n)), 0), n - 1)
+        return min(max(int(self.calibrator.route(score, n, record)), 0), n - 1)
+
+    def record(self, score: float, tier: int) -> None:
+        """Count a request routed with `record=False` in the calibration window."""
+        if len(self.openai_tiers) > 1 and self.thresholds is None:
+            self.calibrator.record(score, tier)
 
     def endpoints(self) -> dict[tuple[str, str], Endpoint]:
         """Every endpoint by (tier name, base URL)."""

@@ -18,7 +18,7 @@ from localproc import ServerProcess
 from router_harness import KEY, client, make_config, serve_router
 
 pytestmark = pytest.mark.usefixtures("router_keys")
-LINES = 300
+LINES = 500
 
 
 def start(store: str, router: str, log) -> ServerProcess:

@@ -99,3 +99,18 @@ def test_extreme_targets_and_bad_scores() -> None:
 def test_rejects_bad_settings(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         ShareCalibrator(**kwargs)
+
+
+def test_a_tentative_route_leaves_the_window_alone_until_recorded() -> None:
+    """A request that may yet be refused (batch work the router sheds) must
+    not move the quantile each time it is retried."""
+    cal = ShareCalibrator(target_large_share=0.3, window=100, warmup=10)
+    rng = np.random.default_rng(3)
+    for x in rng.random(100):
+        cal.route(float(x), 2)
+    before = cal.threshold
+    for _ in range(500):  # the same hard line, shed and retried
+        assert cal.route(0.99, 2, record=False) == 1
+    assert cal.threshold == before and cal.realized_share() == pytest.approx(0.3, abs=0.05)
+    cal.record(0.99, 1)  # taken once: counted once
+    assert cal.threshold >= before
