@@ -274,6 +274,7 @@ class TierSim:
         n = DAYS * DAY
         self.lat = np.zeros(n)
         self.arr = np.zeros(n)
+        self.batch = np.zeros(n)
         self.served = np.zeros(n)
         self.busy = np.zeros(n)
         self.inflight = np.zeros(n)
@@ -284,12 +285,14 @@ class TierSim:
         return float(allowed_speed(self.gpu, self.limit)) if self.kind == "gpu" else 1.0
 
     def room(self, t: int, utilization: float = 0.6) -> float:
-        """Requests/s the tier could still take at `utilization` of all its
-        replicas, over what it received in the last minute."""
+        """Requests/s of batch work the tier can take: replicas.max at
+        `utilization` (the scaling target's busy fraction) at the speed its
+        power limit allows now, less all it received in the last minute: the
+        gap below the target on the replicas the autoscaler may add."""
         full = self.max_replicas * self.per_replica * self.speed() * utilization
         return max(0.0, full - float(self.arr[max(0, t - 60) : t].mean() if t else 0.0))
 
-    def step(self, t: int, a: float) -> float:
+    def step(self, t: int, a: float, batch: float = 0.0) -> float:
         """Serve second t's `a` arrivals; their latency (seconds, before jitter)."""
         w = WORKLOAD
         while self.starting and self.starting[0] <= t:
@@ -312,6 +315,7 @@ class TierSim:
         svc = self.base / speed * (1 + w["batching_slowdown"] * busy)
         lat = svc + (self.backlog / cap if cap > 0 else 60.0)
         self.lat[t], self.arr[t], self.served[t], self.busy[t] = lat, a, served, busy
+        self.batch[t] = batch  # of `a`, batch lines
         self.inflight[t] = a * svc + self.backlog
         self.watts[t], self.reps[t] = p, self.ready
         return lat
@@ -519,10 +523,10 @@ def simulate(sc: Scenario, day: Day) -> dict:
         tier_of[now_idx] = chosen
         served_at[now_idx] = t
         n_large = int(chosen.sum())
-        routed[t] = len(now_idx) + batch_rate[:, t].sum()
+        routed[t] = len(now_idx)  # the router's demand: batch lines are not counted
         if sc.tiered:
-            l_small = tiers[0].step(t, len(now_idx) - n_large + batch_rate[0, t])
-            l_large = tiers[1].step(t, n_large + batch_rate[1, t])
+            l_small = tiers[0].step(t, len(now_idx) - n_large + batch_rate[0, t], batch_rate[0, t])
+            l_large = tiers[1].step(t, n_large + batch_rate[1, t], batch_rate[1, t])
             lat[now_idx] = np.where(chosen == 1, l_large, l_small)
         else:
             lat[now_idx] = tiers[0].step(t, len(now_idx))
@@ -663,7 +667,7 @@ def prepare(args: argparse.Namespace) -> Day:
     _, small_ok, large_ok = load_prompts()
     scores = score_prompts()
     prompt = rng.integers(0, len(scores), n_req)
-    deferrable = rng.random(n_req) < TRAFFIC["deferrable_share"]
+    deferrable = rng.random(n_req) < args.deferrable_share
     jitter = rng.lognormal(0.0, WORKLOAD["jitter_sigma"], n_req)
     jitter /= jitter.mean()
     hourly = GRID["hourly_gco2_per_kwh"]
@@ -724,6 +728,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--mean-rps", type=float, default=25.0)
     p.add_argument("--large-share", type=float, default=0.4)
+    p.add_argument(
+        "--deferrable-share",
+        type=float,
+        default=TRAFFIC["deferrable_share"],
+        help="share of requests that may wait (TRAFFIC)",
+    )
     p.add_argument(
         "--grid-csv",
         default=None,

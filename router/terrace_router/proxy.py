@@ -269,7 +269,10 @@ class Proxy:
                 decision = self._deferrable(state, decision, complexity)
                 if auto:
                     state.record(score, decision.order[0])
-        self.metrics.chose(state.openai_tiers[decision.order[0]].name)
+        if not deferrable:
+            # Demand wakes tiers and sizes the operator's budget cut-off: batch
+            # work, which yields to it, is not counted (docs/batch.md).
+            self.metrics.chose(state.openai_tiers[decision.order[0]].name)
         x = OpenAIExchange(state, decision, kind=kind, payload=payload, auto=auto, t0=t0)
         x.wake = not deferrable
         client = self.client

@@ -10,7 +10,7 @@ import threading
 
 import httpx
 import pytest
-from router_harness import KEY, make_config, serve_router
+from router_harness import KEY, make_config, samples, serve_router
 from served import until
 from terrace_router.config import EscalationConfig
 from terrace_router.policy import decide_flex
@@ -113,7 +113,8 @@ def test_batch_work_takes_only_headroom_on_the_tier_the_score_chose(stubs, serve
     cfg = make_config(stubs, thresholds=[0.0])  # every scored request goes to large
     for t in cfg["tiers"]:
         t["maxInflightPerEndpoint"] = 4
-    url = serve_router(servers, cfg) + "/v1/chat/completions"
+    base = serve_router(servers, cfg)
+    url = base + "/v1/chat/completions"
 
     async def run() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(timeout=30) as ac:
@@ -135,6 +136,9 @@ def test_batch_work_takes_only_headroom_on_the_tier_the_score_chose(stubs, serve
     assert shed.json()["error"]["code"] == "resource_unavailable"
     assert interactive.status_code == 200
     assert len(large.requests) == 3 and not stubs["small"][0].requests
+    # Demand (what wakes tiers and sizes the operator's cut-off) counts the
+    # interactive request only: batch work yields to it.
+    assert samples(base, "terrace_router_demand_total") == {(("tier", "large"),): 1.0}
 
 
 def test_batch_work_never_wakes_a_sleeping_tier(stubs, servers):
