@@ -156,12 +156,13 @@ GRID = {
     ),
     "day_to_day": 0.10,
     # The operator caps the GPUs while the grid is dirtiest (d', d", e).
-    # California's utilities price 4-9 p.m. as their peak (time-of-use); the
-    # site caps its GPUs to 200 W (their floor) in those hours.
-    "cap_window": "* 16-20 * * *",
+    # The operator caps the GPUs to 200 W (their floor) from the start of
+    # California's utilities' 4-9 p.m. time-of-use peak to the end of the
+    # curve's dirtiest hours, 16:00-23:00: power follows price and grid.
+    "cap_window": "* 16-22 * * *",
     "cap_watts": 200,
 }
-CAP_HOURS = (16, 20)  # the window's hours, for the SLO inside it
+CAP_HOURS = (16, 22)  # the window's hours, for the SLO inside it
 
 
 # --------------------------------------------------------------- trace
@@ -788,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     fixed, cut = res["d_cap"], res["d_cutoff"]
     print(
-        f"evening cap (16:00-21:00, 200 W): SLO inside it with a fixed share "
+        f"evening cap (16:00-23:00, 200 W): SLO inside it with a fixed share "
         f"{fixed['slo_in_cap_hours']:.2%}, with the cut-off {cut['slo_in_cap_hours']:.2%} "
         f"(share down to {cut.get('share_min')}); over the day {fixed['slo_attainment']:.2%} "
         f"and {cut['slo_attainment']:.2%}"
