@@ -296,3 +296,26 @@ def test_the_outlook_is_the_forecast_series_by_hours_ahead(prom):
     assert signal == 310.0
     assert outlook == [(3600.0, 300.0), (7200.0, 200.0), (10800.0, 120.0)]
     assert later == [(3540.0, 300.0), (7140.0, 200.0), (10740.0, 120.0)]
+
+
+def test_with_no_signal_the_clusters_own_request_rate_is_the_signal(prom):
+    """No grid signal configured: the router's request rate stands in, so
+    lines go in the cluster's low-demand hours (policy.py)."""
+    import asyncio
+
+    from terrace_router.batch.worker import DEMAND_SIGNAL, GridSignal
+
+    requests = {("terrace_router_requests", "counter", (("tier", t),)): n * 40
+                for t, n in (("small", 6), ("large", 3))}  # fmt: skip
+    prom.show(requests)  # 6 + 3 requests/s over the last 5 minutes' rate
+
+    async def read():
+        grid = GridSignal(prom.url, None)
+        try:
+            return grid.query, await grid.read()
+        finally:
+            await grid.aclose()
+
+    query, value = asyncio.run(read())
+    assert query == DEMAND_SIGNAL
+    assert value is not None and value > 0  # a rate, not "unknown"
