@@ -693,7 +693,7 @@ def batch_deployment(
         prometheus = (b.signal.prometheus_url if b.signal else None) or settings.prometheus_url
         if prometheus:
             # Without spec.batch.signal, terrace-batch releases lines in the
-            # cluster's low-demand hours (its request rate as the signal).
+            # cluster's low-demand hours (its demand as the signal).
             args += ["--prometheus", prometheus]
         if b.signal is not None:
             args += ["--signal", b.signal.query]

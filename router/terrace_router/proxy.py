@@ -19,6 +19,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from time import monotonic, perf_counter
 from typing import Any
 
@@ -336,11 +337,16 @@ class Proxy:
         while it is under `flex_max_load` of its in-flight capacity, and only
         tiers already awake (the exchange does not wake a tier at zero). So
         batch lines bound for idle CPU go while a sleeping GPU tier stays
-        asleep; a 429 sends the line back to the batch's queue."""
+        asleep, and lines bound for it wait; a 429 or 503 sends the line
+        back to the batch's queue."""
         limit = state.config.flex_max_load
-        tier = state.openai_tiers[decision.order[0]]
+        first = decision.order[0]
+        tier = state.openai_tiers[first]
         if tier.pool.load() < limit:
-            return decision
+            # Never down to a smaller tier than the score chose: a line for a
+            # sleeping GPU tier waits (503, back to its queue), it is not
+            # answered by a tier the classifier judged too small.
+            return replace(decision, order=tuple(i for i in decision.order if i >= first))
         err = RouterError(
             429,
             f"deferrable request: tier {tier.name} is above {limit:.0%} of its in-flight "

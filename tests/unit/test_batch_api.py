@@ -299,15 +299,16 @@ def test_the_outlook_is_the_forecast_series_by_hours_ahead(prom):
 
 
 def test_with_no_signal_the_clusters_own_request_rate_is_the_signal(prom):
-    """No grid signal configured: the router's request rate stands in, so
-    lines go in the cluster's low-demand hours (policy.py)."""
+    """No grid signal configured: the router's demand (its routing
+    decisions) stands in, so lines go in the cluster's low-demand hours."""
     import asyncio
 
     from terrace_router.batch.worker import DEMAND_SIGNAL, GridSignal
 
-    requests = {("terrace_router_requests", "counter", (("tier", t),)): n * 40
-                for t, n in (("small", 6), ("large", 3))}  # fmt: skip
-    prom.show(requests)  # 6 + 3 requests/s over the last 5 minutes' rate
+    # The router's routing decisions: neither batch lines nor shed requests.
+    demand = {("terrace_router_demand", "counter", (("tier", t),)): n * 40
+              for t, n in (("small", 6), ("large", 3))}  # fmt: skip
+    prom.show(demand)
 
     async def read():
         grid = GridSignal(prom.url, None)

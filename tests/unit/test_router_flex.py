@@ -173,3 +173,23 @@ def test_batch_work_never_wakes_a_sleeping_tier(stubs, servers):
         interactive = c.post(url, json=body(None), headers=AUTH)
     assert interactive.status_code == 200  # held for the activation timeout, then escalated
     assert calls == ["/wake/demo/small"]
+
+
+def test_batch_work_for_a_sleeping_upper_tier_waits_rather_than_going_smaller(stubs, servers):
+    """The score chose the large tier and it is at zero: the line is not
+    answered by the small tier (fallbackToSmaller is for interactive
+    requests); it comes back 503 and returns to its batch's queue."""
+    from served import Reserved
+
+    reserved = Reserved()
+    servers.append(reserved)
+    cfg = make_config(stubs, thresholds=[0.0])  # every scored request starts on large
+    cfg["tiers"][1].update(endpoints=[reserved.url], activationTimeoutSeconds=1.0)
+    url = serve_router(servers, cfg) + "/v1/chat/completions"
+    with httpx.Client(timeout=30) as c:
+        line = c.post(url, json=body(None), headers=DEFERRABLE)
+        assert line.status_code == 503, line.headers.get("x-terrace-escalated")
+        assert not stubs["small"][0].requests
+        interactive = c.post(url, json=body(None), headers=AUTH)
+    # An interactive request waits for the tier, then falls back to small.
+    assert interactive.status_code == 200 and interactive.headers["x-terrace-tier"] == "small"

@@ -62,7 +62,7 @@ class BatchSettings(BaseSettings):
     signal: str | None = Field(
         default=None,
         description="PromQL of the grid signal (one value); default with --prometheus: the "
-        "cluster's request rate, so lines go in its low-demand hours",
+        "cluster's demand (routing decisions), so lines go in its low-demand hours",
     )
     threshold: float | None = Field(default=None, description="also release at or below this")
     forecast: str | None = Field(

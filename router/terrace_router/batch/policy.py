@@ -8,7 +8,7 @@ Each pass (`release`) says how many more lines of one batch to send now:
    grid says: a batch is never late because the grid was dirty.
 2. **The cleanest hours that suffice.** Otherwise lines go out only while
    the signal (a carbon intensity in gCO2/kWh, a price, or, with none
-   configured, the cluster's own request rate: its low-demand hours) is
+   configured, the cluster's own demand: its low-demand hours) is
    among the lowest of what is expected until the deadline. The outlook is
    the signal's forecast when there is one, else its values at the same
    hours yesterday (a persistence forecast). The batch needs a fraction
@@ -24,10 +24,11 @@ Each pass (`release`) says how many more lines of one batch to send now:
    sheds its requests (429, 503) and grows it back slowly (AIMD), so batch
    work backs off when a tier saturates.
 
-Worked example (docs/batch.md): 2,000 lines, 8 slots, 2 s a line, a 24 h
-window: 250 rounds x 2 s x safety 2 = 1,000 s needed of 86,400 s, f = 1.2 %,
-so `MIN_SHARE` (10 %) applies: lines go while the signal is in the lowest
-tenth of yesterday's values for the next 24 hours.
+Worked example (docs/batch.md has it in full): 2,000 lines, 8 slots, 10 s
+a line (the worker's guess until answers measure it), a 24 h window: 250
+rounds x 10 s x safety 2 = 5,000 s needed of 86,400 s, f = 5.8 %, so
+`MIN_SHARE` (10 %) applies: lines go while the signal is in the lowest tenth
+of what is expected before the deadline.
 """
 
 from __future__ import annotations

@@ -52,12 +52,17 @@ class WorkerSettings:
     safety: float = 2.0  # deadline margin: finish in half the time left
     attempts: int = 3  # 5xx answers before a line is recorded as failed
     threshold: float | None = None  # also release at or below this grid signal
+    # Seconds a line takes in one slot, assumed until the batch's first
+    # answer measures it (on the safe side: the deadline comes early).
+    initial_seconds_per_line: float = 10.0
 
 
 ENERGY_BY_TIER = "max by (tier) (terrace_tier_energy_per_request_joules)"
 JOULES_PER_KWH = 3.6e6
-# With no signal configured: the cluster's own request rate (its low-demand hours).
-DEMAND_SIGNAL = "sum(rate(terrace_router_requests_total[5m]))"
+# With no signal configured: the cluster's own demand (its low-demand hours).
+# Routing decisions, which count neither batch lines nor requests the router
+# shed (proxy.py), so batch work does not raise its own signal.
+DEMAND_SIGNAL = "sum(rate(terrace_router_demand_total[5m]))"
 # A forecast series carries how far ahead it looks in this label (hours).
 FORECAST_LABEL = "hours_ahead"
 DAY = 86_400
@@ -259,7 +264,11 @@ class Worker:
             return
         in_flight = await asyncio.to_thread(self.store.in_flight, batch_id)
         pace = self.paces.setdefault(
-            batch_id, BatchPace(Slots(float(self.settings.slots), self.settings.slots))
+            batch_id,
+            BatchPace(
+                Slots(float(self.settings.slots), self.settings.slots),
+                self.settings.initial_seconds_per_line,
+            ),
         )
         decision = release(
             Pace(
