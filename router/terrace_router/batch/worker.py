@@ -61,8 +61,9 @@ ENERGY_BY_TIER = "max by (tier) (terrace_tier_energy_per_request_joules)"
 JOULES_PER_KWH = 3.6e6
 # With no signal configured: the cluster's own demand (its low-demand hours).
 # Routing decisions, which count neither batch lines nor requests the router
-# shed (proxy.py), so batch work does not raise its own signal.
-DEMAND_SIGNAL = "sum(rate(terrace_router_demand_total[5m]))"
+# shed (proxy.py), so batch work does not raise its own signal. No series yet
+# (no router has routed anything) is no demand, not an unknown.
+DEMAND_SIGNAL = "sum(rate(terrace_router_demand_total[5m])) or vector(0)"
 # A forecast series carries how far ahead it looks in this label (hours).
 FORECAST_LABEL = "hours_ahead"
 DAY = 86_400
