@@ -130,7 +130,7 @@ def test_load_scales_up_then_down_and_moves_the_power_limit(demo) -> None:
         )
 
     try:
-        gpu = wait_for(idle_and_enforced, 120, interval=1,
+        gpu = wait_for(idle_and_enforced, 240, interval=1,
                        what="the idle GPU's lowered cap, enforced by the agent")  # fmt: skip
     except AssertionError as e:
         raise AssertionError(f"{e}\n{demo.snapshot()}") from None
