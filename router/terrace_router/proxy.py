@@ -146,6 +146,21 @@ def _loads_or_none(content: bytes) -> Any:
     return value if isinstance(value, dict) else None
 
 
+def _shed(message: str, param: str | None, complexity: str) -> RouterError:
+    """The 429 for work that yields to interactive requests (flex, batch
+    lines): retry in a second; the decision headers say nothing was tried."""
+    err = RouterError(
+        429,
+        message,
+        type="rate_limit_error",
+        param=param,
+        code="resource_unavailable",
+        retry_after=1,
+    )
+    err.extra_headers = _decision_headers("none", complexity, [])
+    return err
+
+
 # terrace-batch marks a line that may wait (its deadline not near): shed
 # first, never wakes a tier (docs/batch.md).
 DEFERRABLE_HEADER = "x-terrace-deferrable"
@@ -315,18 +330,13 @@ class Proxy:
         limit = state.config.flex_max_load
         decision = policy.decide_flex(loads, limit, state.escalation, pinned)
         if decision is None:
-            err = RouterError(
-                429,
+            raise _shed(
                 f"service_tier flex: every tier that could serve it is above {limit:.0%} of its "
                 "in-flight capacity; flex requests are shed first. Retry later, or send it "
                 "without service_tier flex.",
-                type="rate_limit_error",
-                param="service_tier",
-                code="resource_unavailable",
-                retry_after=1,
+                "service_tier",
+                "flex",
             )
-            err.extra_headers = _decision_headers("none", "flex", [])
-            raise err
         return decision
 
     def _deferrable(
@@ -347,17 +357,12 @@ class Proxy:
             # sleeping GPU tier waits (503, back to its queue), it is not
             # answered by a tier the classifier judged too small.
             return replace(decision, order=tuple(i for i in decision.order if i >= first))
-        err = RouterError(
-            429,
+        raise _shed(
             f"deferrable request: tier {tier.name} is above {limit:.0%} of its in-flight "
             "capacity; batch work yields to interactive requests. Retry later.",
-            type="rate_limit_error",
-            param=None,
-            code="resource_unavailable",
-            retry_after=1,
+            None,
+            complexity,
         )
-        err.extra_headers = _decision_headers("none", complexity, [])
-        raise err
 
     async def _score(self, state: RouterState, text: str) -> float:
         """The classifier's score. Shape features run inline (tens of
