@@ -7,7 +7,7 @@ CLUSTER_DIR ?= $(CURDIR)/.cache/cluster
 STAMPS := .cache/stamps
 PYTEST_ARGS ?=
 
-.PHONY: bench bench-env chart-sync help deps python tools llama real-models system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean kind-up kind-down kind-images
+.PHONY: bench bench-env chart-sync help deps python tools llama real-models system-deps cluster-up cluster-down cluster-status test test-unit demo lint clean kind-up kind-down kind-images test-kind
 
 help:
 	@echo "make demo          bring up a real cluster, install Terrace, route and scale (all set-up included)"
@@ -20,6 +20,7 @@ help:
 	@echo "make kind-up       Docker + a kind cluster from kind-config.yaml, every image built here (docs/kind.md)"
 	@echo "make kind-images   build Terrace's four images here and kind-load them"
 	@echo "make kind-down     delete the kind cluster and stop Docker"
+	@echo "make test-kind     the kind layer: the README's kind quickstart, then e2e on real pods (KEEP=1 leaves it up)"
 
 deps: python tools llama real-models system-deps
 
@@ -87,11 +88,15 @@ bench: deps bench-env
 # kind with real pods (docs/kind.md): Docker started by PID, every image
 # (Debian, kind base and node, Kubernetes' own, Terrace's) built here; caches
 # in ~/.cache/terrace/kind.
-kind-up:
-	@bash hack/kind/up.sh
+kind-up: python
+	@PYTHON=$(PYTHON) bash hack/kind/up.sh
 
 kind-images:
 	@bash hack/kind/terrace-images.sh
 
 kind-down:
 	@bash hack/kind/down.sh
+
+# Run by .ci/run after `make test`: needs Docker's engine, which it installs.
+test-kind: python
+	@PYTHON=$(PYTHON) PYTEST_ARGS="$(PYTEST_ARGS)" bash hack/kind/test.sh

@@ -41,3 +41,14 @@ node_bin_dir() { "${BG[@]}" bash "$here/build-binaries.sh" | tail -1; }
 inputs_hash() { cat "$@" | sha256sum | cut -c1-12; }
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# The nodes images are loaded into: workers only. kind's control plane of a
+# multi-node cluster keeps its NoSchedule taint, and each node imports every
+# layer (about 30 s a node). Comma-separated, for `kind load --nodes`.
+kind_workers() {
+  local kind nodes
+  kind="$(tools_dir)/kind"
+  nodes=$("$kind" get nodes --name "$CLUSTER_NAME" | grep -v -- '-control-plane' | paste -sd, -)
+  [[ -n $nodes ]] || nodes=$("$kind" get nodes --name "$CLUSTER_NAME" | paste -sd, -)
+  echo "$nodes"
+}

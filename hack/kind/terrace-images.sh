@@ -47,10 +47,7 @@ docker image prune -f >/dev/null
 
 kind="$(tools_dir)/kind"
 if "$kind" get clusters 2>/dev/null | grep -qx "$CLUSTER_NAME"; then
-  # Workers only: kind's control plane of a multi-node cluster keeps its
-  # NoSchedule taint, and each node imports every layer (about 30 s a node).
-  workers=$("$kind" get nodes --name "$CLUSTER_NAME" | grep -v -- '-control-plane' | paste -sd, -)
-  [[ -n $workers ]] || workers=$("$kind" get nodes --name "$CLUSTER_NAME" | paste -sd, -)
+  workers=$(kind_workers)
   log "kind load docker-image (${#images[@]} images) into $workers"
   "${BG[@]}" "$kind" load docker-image --name "$CLUSTER_NAME" --nodes "$workers" "${images[@]}" >&2
 else

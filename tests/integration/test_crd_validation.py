@@ -365,7 +365,9 @@ def test_odd_but_valid_objects_are_accepted(crds, case: str, obj: dict) -> None:
     assert out.returncode == 0, f"{case} refused:\n{out.stderr}"
 
 
-@pytest.mark.parametrize("sample", sorted(SAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "sample", sorted(SAMPLES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(SAMPLES))
+)
 def test_samples_apply_cleanly(crds, sample) -> None:
     out = crds.kubectl("apply", "--dry-run=server", "-n", NS, "-f", str(sample), check=False)
     assert out.returncode == 0, out.stderr

@@ -17,6 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "terrace"
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 sys.path.insert(0, str(ROOT / "hack"))
 from devcluster import tools_dir  # noqa: E402
 
@@ -170,6 +171,23 @@ def test_agent_is_privileged_only_for_real_nvml() -> None:
         and fake["securityContext"]["runAsNonRoot"] is True
     )
     assert "--fake-gpus=1" in fake["args"]
+    assert not any(a.startswith("--advertise-resource") for a in fake["args"])
+
+
+def test_the_kind_values_advertise_the_fake_gpu_and_use_images_built_here() -> None:
+    docs = render("-f", str(CHART / "ci" / "kind-values.yaml"))
+    agent = by_kind(docs, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert "--advertise-resource=nvidia.com/gpu" in agent["args"]
+    assert agent["image"] == "terrace.local/terrace-agent:" + APP_VERSION
+    [operator] = by_kind(docs, "Deployment")
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "terrace.local/terrace-operator:" + APP_VERSION
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TERRACE_RUNTIME_IMAGE"] == "terrace.local/terrace-runtime:" + APP_VERSION
+    # Advertising needs the Node's status; the agent's rules grant only that.
+    rules = [r for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"].endswith("agent")
+             for r in d["rules"]]  # fmt: skip
+    assert {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]} in rules
 
 
 def test_rendered_rbac_is_the_operators_rules() -> None:
@@ -213,6 +231,7 @@ def test_two_operator_replicas_elect_a_leader() -> None:
         (["--set", "operator.replicas=0"], "replicas"),
         (["--set", "operator.bogus=1"], "bogus"),
         (["--set", "agent.fakeModel=h200x"], "fakeModel"),
+        (["--set", "agent.advertiseResource=nvidia.com/gpu x"], "advertiseResource"),
         (["--set", "operator.prometheusUrl=prometheus:9090"], "prometheusUrl"),
     ],
 )

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='demand in [0,1] for the fake GPUs: "0.5" or {"0": 0.5}')
     p.add_argument("--fake-load-url", default=None,
                    help="a runtime's /metrics URL; demand = rate of its busy seconds")
+    p.add_argument("--advertise-resource", default="",
+                   help="set the Node's capacity of this extended resource (e.g. nvidia.com/gpu) "
+                        "to the GPU count, as a device plugin would; for fake GPUs on kind")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -151,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         node.refresh()
     except Exception as exc:
         log.warning("cannot read Node %s yet: %s", args.node_name, exc)
+    if args.advertise_resource:
+        try:
+            node.advertise(args.advertise_resource, len(agent.gpus))
+        except Exception as exc:  # scheduling waits for it; the power loop need not
+            log.warning("cannot advertise %s on Node %s: %s", args.advertise_resource,
+                        args.node_name, exc)
     node.start_watch()
     loop = AgentLoop(agent, node, args.interval, args.desired_ttl, args.report_every)
 

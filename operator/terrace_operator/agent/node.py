@@ -1,4 +1,5 @@
-"""The agent's only Kubernetes access: get, watch and patch its own Node."""
+"""The agent's only Kubernetes access: get, watch and patch its own Node
+(and, with --advertise-resource, its status capacity)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,16 @@ class NodeAnnotations:
 
     def patch(self, annotations: Mapping[str, str | None]) -> None:
         self.v1.patch_node(self.node_name, {"metadata": {"annotations": dict(annotations)}})
+
+    def advertise(self, resource: str, count: int) -> None:
+        """Set the Node's capacity of an extended resource (``nvidia.com/gpu``)
+        to `count`, through the status subresource, as a device plugin's
+        kubelet would; the kubelet then reports it allocatable too. For fake
+        GPUs on kind, where no device plugin runs (Kubernetes docs:
+        "Advertise Extended Resources for a Node")."""
+        body = {"status": {"capacity": {resource: str(count)}}}
+        self.v1.patch_node_status(self.node_name, body)
+        log.info("advertised %s=%d on Node %s", resource, count, self.node_name)
 
     def start_watch(self) -> None:
         self._thread = threading.Thread(target=self._run, name="node-watch", daemon=True)
