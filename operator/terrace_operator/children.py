@@ -178,6 +178,22 @@ def model_location(uri: str) -> tuple[str, dict | None]:
     return local, {"claimName": parsed.netloc, "readOnly": True}
 
 
+def _read_only_root(container: dict, volumes: list[dict]) -> None:
+    """Run one of Terrace's own images (router, runtime) as its non-root user
+    with a read-only root filesystem and a scratch emptyDir on /tmp (the
+    images set HOME=/tmp and write no bytecode). Not for external images,
+    whose users and writable paths are theirs to know."""
+    volumes.append({"name": "tmp", "emptyDir": {}})
+    container.setdefault("volumeMounts", []).append({"name": "tmp", "mountPath": "/tmp"})
+    container["securityContext"] = {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def _tolerations(items: list[dict]) -> list[dict]:
     return [{k: v for k, v in t.items() if v is not None} for t in items]
 
@@ -266,6 +282,8 @@ def runtime_deployment(owner: Owner, spec: ModelTierSpec, settings: OperatorSett
     }
     if mounts:
         container["volumeMounts"] = mounts
+    if model.format != "external":
+        _read_only_root(container, volumes)
 
     node_selector: dict[str, str] = {}
     tolerations: list[dict] = []
@@ -592,8 +610,8 @@ def router_deployment(owner: Owner, spec: TierRouterSpec, settings: OperatorSett
             "failureThreshold": 6,
         },
         "volumeMounts": mounts,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
+    _read_only_root(container, volumes)
     resources: dict = {}
     if spec.resources and spec.resources.requests:
         resources["requests"] = _quantities(spec.resources.requests)

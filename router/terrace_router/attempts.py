@@ -205,7 +205,9 @@ async def attempt(x: Exchange, session: upstream.Session, metrics: RouterMetrics
     for pos, idx in enumerate(order):
         tier = x.tiers[idx]
         nxt = order[pos + 1] if pos + 1 < len(order) else None
-        check = x.decision.check_confidence and nxt is not None and nxt > idx
+        # A stream is settled on its tier once the head is in, so it is never
+        # judged, and never asked for logprobs the client did not ask for.
+        check = x.decision.check_confidence and not x.stream and nxt is not None and nxt > idx
         out = x.outgoing(tier, check)
         result = await _try_tier(session, tier, out, x.wake)
         if isinstance(result, Held):

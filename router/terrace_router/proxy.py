@@ -210,7 +210,7 @@ class OpenAIExchange(Exchange):
         low = policy.is_low_confidence(parsed, self.kind, esc.min_mean_logprob)
         if out.added_logprobs:
             policy.strip_logprobs(parsed)
-            body = json.dumps(parsed).encode()
+            body = json.dumps(parsed, separators=(",", ":")).encode()  # compact
         return (UNSURE if low else SOUND), body
 
 

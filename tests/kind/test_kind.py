@@ -57,6 +57,8 @@ def kind() -> Kind:
     out = subprocess.run(["bash", "-euo", "pipefail", "-c", quickstart()], cwd=ROOT,
                          capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert out.returncode == 0, f"the README's kind quickstart failed:\n{out.stdout}\n{out.stderr}"
+    # Its last command asks the router; the real model answers.
+    assert "Paris" in out.stdout.splitlines()[-1], out.stdout[-2000:]
     return k
 
 

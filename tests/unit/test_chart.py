@@ -171,6 +171,7 @@ def test_agent_is_privileged_only_for_real_nvml() -> None:
         and fake["securityContext"]["runAsNonRoot"] is True
     )
     assert "--fake-gpus=1" in fake["args"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in fake["volumeMounts"]
     assert not any(a.startswith("--advertise-resource") for a in fake["args"])
 
 

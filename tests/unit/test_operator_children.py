@@ -134,16 +134,36 @@ def test_external_image_runs_as_is() -> None:
     assert container(no_health)["readinessProbe"]["tcpSocket"] == {"port": "http"}
 
 
+def test_terraces_own_images_run_non_root_on_a_read_only_root_external_ones_as_they_are() -> None:
+    def hardened(dep: dict) -> bool:
+        c = container(dep)
+        sc = c["securityContext"]
+        tmp = {"name": "tmp", "mountPath": "/tmp"} in c.get("volumeMounts", [])
+        return sc.get("readOnlyRootFilesystem") is True and sc.get("runAsNonRoot") is True and tmp
+
+    runtime = ch.runtime_deployment(TIER, tier(), SETTINGS)
+    external = ch.runtime_deployment(
+        TIER, tier(model={"format": "external", "image": "x"}), SETTINGS
+    )
+    router = ch.router_deployment(ROUTER, router_spec(), SETTINGS)
+    for dep in (runtime, external, router):
+        valid(dep)
+    assert hardened(runtime) and hardened(router) and not hardened(external)
+    assert container(external)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
 def test_pvc_uri_mounts_the_claim_read_only() -> None:
     dep = ch.runtime_deployment(TIER, tier(model={"uri": "pvc://models/tiny/model.onnx"}), SETTINGS)
     valid(dep)
     c = container(dep)
     assert c["args"][c["args"].index("--model") + 1] == "file:///mnt/models/tiny/model.onnx"
     assert c["volumeMounts"] == [
-        {"name": "model-store", "mountPath": "/mnt/models", "readOnly": True}
+        {"name": "model-store", "mountPath": "/mnt/models", "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
     ]
     assert dep["spec"]["template"]["spec"]["volumes"] == [
-        {"name": "model-store", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+        {"name": "model-store", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+        {"name": "tmp", "emptyDir": {}},
     ]
     assert ch.model_location("pvc://models") == (
         "file:///mnt/models",

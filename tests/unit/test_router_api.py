@@ -223,6 +223,25 @@ def test_low_confidence_answer_is_escalated_using_logprobs(stubs, servers):
     assert 'terrace_router_escalations_total{reason="low_confidence"} 1.0' in metrics
 
 
+def test_a_stream_is_not_asked_for_logprobs_it_will_not_be_judged_on(stubs, servers):
+    """The confidence check needs the whole answer; a stream is settled on its
+    tier before the first byte, so the router adds nothing to it (the
+    client's own `logprobs` still go through)."""
+    stubs["small"][0].logprob = -6.0  # would escalate a unary request
+    url = serve_router(servers, make_config(stubs, thresholds=[2.0]))
+    with client(url) as c:
+        chunks = list(c.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": EASY}], stream=True))  # fmt: skip
+    assert chunks and all(ch.choices[0].logprobs is None for ch in chunks if ch.choices)
+    assert "logprobs" not in stubs["small"][0].requests[-1]
+    assert stubs["large"][0].requests == []  # not escalated either
+    with client(url) as c:
+        list(c.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": EASY}], stream=True,
+            logprobs=True))  # fmt: skip
+    assert stubs["small"][0].requests[-1]["logprobs"] is True
+
+
 def test_low_confidence_escalation_can_be_switched_off(stubs, servers):
     stubs["small"][0].logprob = -6.0
     url = serve_router(

@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         loop.run()
     finally:
         loop.shutdown()
+        if args.advertise_resource:
+            try:  # no agent, no GPUs to schedule on (as when a device plugin goes)
+                node.advertise(args.advertise_resource, 0)
+            except Exception as exc:  # e.g. its RBAC already gone (helm uninstall)
+                log.warning("cannot withdraw %s: %s", args.advertise_resource, exc)
         node.stop()
         server.shutdown()
         agent.close()
