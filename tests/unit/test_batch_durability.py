@@ -74,3 +74,29 @@ def test_killed_twice_mid_batch_every_line_is_answered_once(servers, stubs, tmp_
     assert set(sent) == {f"line-{i}" for i in range(LINES)}
     # Only lines in flight at a kill may have gone out twice: at most 4 slots x 2 kills.
     assert sum(n - 1 for n in sent.values()) <= 8
+
+
+def test_a_line_is_ended_or_in_flight_at_every_instant_of_an_ending_batch(tmp_path) -> None:
+    """Ending a batch (expired, cancelled) ends the unsent lines and waits for
+    those in flight; asked about one instant, every line is one or the other,
+    so none is left out of the batch's files when a lease runs out between
+    the two questions (a CI run once lost 2 of 10 lines to that)."""
+    import time
+
+    from terrace_router.batch.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'b.db'}")
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    batch = store.add_batch("/v1/chat/completions", "file-x", "1h", 3600, None,
+                            [(f"req-{i}", body) for i in range(5)])  # fmt: skip
+    lease = 30.0
+    claimed = store.claim(batch["id"], 2, lease)
+    assert len(claimed) == 2
+    error = {"code": "batch_expired", "message": "expired"}
+    before = time.time()  # both leases still running: 3 lines end, 2 are waited for
+    assert store.end_unfinished(batch["id"], "expired", error, now=before) == 3
+    assert store.in_flight(batch["id"], now=before) == 2
+    after = before + lease + 1  # both leases ran out: ended then, none in flight
+    assert store.in_flight(batch["id"], now=after) == 0
+    assert store.end_unfinished(batch["id"], "expired", error, now=after) == 2
+    assert len(store.outcomes(batch["id"])) == 5

@@ -359,13 +359,17 @@ class Store:
                 .values(state="pending", lease_until=None)
             )
 
-    def end_unfinished(self, batch_id: str, state: str, error: dict) -> int:
+    def end_unfinished(
+        self, batch_id: str, state: str, error: dict, now: float | None = None
+    ) -> int:
         """Every line never sent (pending, or claimed by a worker whose lease
-        ran out): `expired` or `cancelled`, with that error. Lines in flight
-        are left to finish."""
+        ran out by `now`): `expired` or `cancelled`, with that error. Lines in
+        flight are left to finish. Pass the same `now` to `in_flight`, so a
+        lease that runs out between the two calls is counted by one of them."""
+        now = time.time() if now is None else now
         unsent = sa.or_(
             lines.c.state == "pending",
-            sa.and_(lines.c.state == "running", lines.c.lease_until < time.time()),
+            sa.and_(lines.c.state == "running", lines.c.lease_until < now),
         )
         with self.engine.begin() as c:
             r = c.execute(
@@ -375,8 +379,9 @@ class Store:
             )
             return r.rowcount
 
-    def in_flight(self, batch_id: str) -> int:
-        now = time.time()
+    def in_flight(self, batch_id: str, now: float | None = None) -> int:
+        """Lines running under a lease that has not run out by `now`."""
+        now = time.time() if now is None else now
         with self.engine.connect() as c:
             q = sa.select(sa.func.count()).where(
                 lines.c.batch_id == batch_id,

@@ -255,8 +255,10 @@ class Worker:
             # Nothing more goes out; lines already sent are waited for (until
             # their lease ends), so an answer that was computed is kept.
             state, error, stamps = ending
-            await asyncio.to_thread(self.store.end_unfinished, batch_id, state, error)
-            if await asyncio.to_thread(self.store.in_flight, batch_id) == 0:
+            # One instant for both: a lease running out in between would make
+            # a line neither ended nor in flight, and missing from the files.
+            await asyncio.to_thread(self.store.end_unfinished, batch_id, state, error, now)
+            if await asyncio.to_thread(self.store.in_flight, batch_id, now) == 0:
                 await self._finalize(batch_id, state, **stamps)
             return
         counts = await asyncio.to_thread(self.store.counts, batch_id)
